@@ -1,0 +1,134 @@
+"""Albumentations pipelines for image + label pairs.
+
+Labels stay integer class maps: every geometric step resizes them with nearest-neighbour
+interpolation and pads them with ``ignore_index``, so ignored pixels survive every transform and
+padding is never scored.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import albumentations as A
+import cv2
+import numpy as np
+import torch
+
+
+@dataclass(frozen=True)
+class Normalization:
+    """How pixels are presented to the network: ``(pixel * scale - mean) / std`` per channel."""
+
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    max_pixel_value: float
+    bgr: bool = False
+
+
+NORMALIZATIONS = {
+    # torchvision's ImageNet models: RGB in [0, 1], ImageNet mean and std.
+    "imagenet": Normalization((0.485, 0.456, 0.406), (0.229, 0.224, 0.225), 255.0),
+    # The Caffe VGG16 the FCN paper fine-tuned: BGR, 0-255, mean pixel subtracted. The mean is
+    # listed here in RGB order; the channels are swapped after normalisation.
+    "caffe": Normalization((122.67891434, 116.66876762, 104.00698793), (1.0, 1.0, 1.0), 1.0, bgr=True),
+    # Pixels in [0, 1], nothing subtracted.
+    "none": Normalization((0.0, 0.0, 0.0), (1.0, 1.0, 1.0), 255.0),
+}
+
+
+def get_normalization(name: str) -> Normalization:
+    if name not in NORMALIZATIONS:
+        from fcnseg.errors import UserError
+
+        raise UserError(f"dataset.normalize={name!r} is not one of {sorted(NORMALIZATIONS)}")
+    return NORMALIZATIONS[name]
+
+
+class SegTransform:
+    """An albumentations pipeline followed by conversion to tensors (and BGR if asked)."""
+
+    def __init__(self, steps: Sequence[A.BasicTransform], normalization: Normalization) -> None:
+        n = normalization
+        self.normalization = n
+        self.pipeline = A.Compose(
+            [*steps, A.Normalize(mean=n.mean, std=n.std, max_pixel_value=n.max_pixel_value)]
+        )
+
+    def reseed(self, seed: int) -> None:
+        """Makes the next random draws a function of ``seed`` alone."""
+        self.pipeline.set_random_seed(seed)
+
+    def __call__(self, image: np.ndarray, mask: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.pipeline(image=image, mask=mask)
+        img = out["image"].transpose(2, 0, 1)
+        if self.normalization.bgr:
+            img = img[::-1]
+        return torch.from_numpy(np.ascontiguousarray(img)), torch.from_numpy(out["mask"].astype(np.int64))
+
+
+def build_transforms(
+    *,
+    train: bool,
+    normalize: str = "imagenet",
+    ignore_index: int = 255,
+    crop_size: int | Sequence[int] | None = None,
+    scale_range: Sequence[float] = (0.5, 2.0),
+    hflip: bool = True,
+    color_jitter: float = 0.0,
+) -> SegTransform:
+    """The training pipeline (random scale, crop with ignore padding, flip, jitter) or the
+    evaluation one (normalisation only, full resolution).
+
+    Args:
+        train: training or evaluation pipeline.
+        normalize: a key of ``NORMALIZATIONS``.
+        ignore_index: label value used to pad masks.
+        crop_size: side (or (height, width)) of training crops; ``None`` keeps whole images.
+        scale_range: range of the random rescaling factor.
+        hflip: random horizontal flips.
+        color_jitter: strength of brightness/contrast/saturation jitter (0 disables it).
+    """
+    norm = get_normalization(normalize)
+    steps: list[A.BasicTransform] = []
+    if train:
+        lo, hi = scale_range
+        if (lo, hi) != (1.0, 1.0):
+            steps.append(
+                A.RandomScale(
+                    scale_limit=(lo - 1.0, hi - 1.0),
+                    interpolation=cv2.INTER_LINEAR,
+                    mask_interpolation=cv2.INTER_NEAREST,
+                    p=1.0,
+                )
+            )
+        if crop_size is not None:
+            ch, cw = (crop_size, crop_size) if isinstance(crop_size, int) else crop_size
+            steps += [
+                A.PadIfNeeded(
+                    min_height=ch,
+                    min_width=cw,
+                    border_mode=cv2.BORDER_CONSTANT,
+                    fill=0,
+                    fill_mask=ignore_index,
+                ),
+                A.RandomCrop(height=ch, width=cw),
+            ]
+        if hflip:
+            steps.append(A.HorizontalFlip(p=0.5))
+        if color_jitter > 0:
+            j = color_jitter
+            steps.append(A.ColorJitter(brightness=j, contrast=j, saturation=j, hue=0.0, p=0.8))
+    return SegTransform(steps, norm)
+
+
+def denormalize(images: torch.Tensor, normalize: str) -> torch.Tensor:
+    """Inverse of the normalisation: (N, 3, H, W) network input -> RGB uint8."""
+    n = get_normalization(normalize)
+    if n.bgr:
+        images = images.flip(1)
+    mean = torch.tensor(n.mean, device=images.device).view(1, 3, 1, 1)
+    std = torch.tensor(n.std, device=images.device).view(1, 3, 1, 1)
+    # albumentations computes (pixel - mean * max) / (std * max); undo that.
+    pixels = (images.float() * std + mean) * n.max_pixel_value
+    return pixels.clamp(0, 255).round().to(torch.uint8)

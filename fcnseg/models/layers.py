@@ -1,0 +1,84 @@
+"""Building blocks shared by the heads: bilinear kernels, coordinate maps and alignment."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class FeatureInfo:
+    """Where a feature map sits relative to the input image.
+
+    A cell ``y`` of the map is centred on input pixel ``stride * y + origin`` (Caffe's "coord map").
+    Heads use it to compute crop offsets instead of hard-coding them.
+    """
+
+    channels: int
+    stride: float
+    origin: float = 0.0
+
+
+def coord_step(stride: float, origin: float, layer: nn.Module) -> tuple[float, float]:
+    """Composes the coordinate map (stride, origin) with one more conv or pooling layer."""
+    if isinstance(layer, nn.Conv2d | nn.MaxPool2d | nn.AvgPool2d):
+        k, s, p, d = (_pair(getattr(layer, a, 1))[0] for a in ("kernel_size", "stride", "padding", "dilation"))
+        extent = d * (k - 1) + 1
+        return stride * s, origin + stride * ((extent - 1) / 2 - p)
+    return stride, origin
+
+
+def coord_map(layers: Iterable[nn.Module], stride: float = 1.0, origin: float = 0.0) -> tuple[float, float]:
+    """The (stride, origin) of the output of ``layers`` applied in order."""
+    for layer in layers:
+        stride, origin = coord_step(stride, origin, layer)
+    return stride, origin
+
+
+def _pair(v) -> tuple[int, int]:
+    return (v, v) if isinstance(v, int) else tuple(v)
+
+
+def bilinear_kernel(channels: int, kernel_size: int) -> torch.Tensor:
+    """Weights of a (channels, channels, k, k) transposed conv that upsamples bilinearly.
+
+    Same construction as the reference FCN's ``upsample_filt``: each channel maps onto itself.
+    """
+    factor = (kernel_size + 1) // 2
+    center = factor - 1 if kernel_size % 2 == 1 else factor - 0.5
+    og = torch.arange(kernel_size, dtype=torch.float64)
+    filt = 1 - (og - center).abs() / factor
+    filt2d = (filt[:, None] * filt[None, :]).float()
+    weight = torch.zeros(channels, channels, kernel_size, kernel_size)
+    weight[range(channels), range(channels)] = filt2d
+    return weight
+
+
+def upsample_layer(channels: int, factor: int, learnable: bool = True) -> nn.ConvTranspose2d:
+    """Transposed conv (kernel 2f, stride f, no bias) initialised to bilinear interpolation."""
+    layer = nn.ConvTranspose2d(channels, channels, 2 * factor, stride=factor, bias=False)
+    with torch.no_grad():
+        layer.weight.copy_(bilinear_kernel(channels, 2 * factor))
+    layer.weight.requires_grad_(learnable)
+    return layer
+
+
+def upsample_coords(stride: float, origin: float, factor: int) -> tuple[float, float]:
+    """Coordinate map after a kernel-2f, stride-f transposed conv (the inverse of a conv's)."""
+    return stride / factor, origin - stride * (2 * factor - 1) / (2 * factor)
+
+
+def align(x: torch.Tensor, offset: tuple[int, int], size: tuple[int, int]) -> torch.Tensor:
+    """Window of ``x`` of ``size`` starting at ``offset`` (the reference nets' Crop layer).
+
+    A negative offset or a window running past the border pads with zeros, so any backbone
+    geometry works; for the FCN alignment it is always a pure crop, returned as a view.
+    """
+    (oy, ox), (h, w) = offset, size
+    if 0 <= oy and 0 <= ox and oy + h <= x.shape[-2] and ox + w <= x.shape[-1]:
+        return x[..., oy : oy + h, ox : ox + w]
+    return F.pad(x, (-ox, ox + w - x.shape[-1], -oy, oy + h - x.shape[-2]))
