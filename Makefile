@@ -23,6 +23,8 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/hadolint docker/Dockerfile
+	$(BIN)/python docker/check_compose.py docker/compose.yaml
 
 format: $(STAMP)
 	$(BIN)/ruff check --fix .

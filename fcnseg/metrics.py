@@ -50,13 +50,16 @@ class SegMetrics:
         n = self.num_classes
         target = target.to(pred.device)
         valid = target != self.ignore_index
-        t, p = target[valid].long(), pred[valid].long()
-        if t.numel() and (int(t.min()) < 0 or int(t.max()) >= n):
-            bad = t[(t < 0) | (t >= n)][0].item()
+        outside = valid & ((target < 0) | (target >= n))
+        if outside.any():  # the batch's one host read
+            bad = target[outside][0].item()
             raise ValueError(
                 f"label value {bad} is neither a class in [0, {n}) nor the ignore index {self.ignore_index}"
             )
-        counts = torch.bincount(t * n + p, minlength=n * n).reshape(n, n)
+        # Ignored pixels are counted in an extra bin that is dropped, rather than removed by
+        # boolean indexing, whose data-dependent size costs a copy and a device sync.
+        index = (target.long() * n).add_(pred.long()).masked_fill_(~valid, n * n)
+        counts = torch.bincount(index.flatten(), minlength=n * n + 1)[: n * n].reshape(n, n)
         self.confusion = counts if self.confusion is None else self.confusion + counts
         self.num_images += target.shape[0]
 

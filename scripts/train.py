@@ -1,4 +1,10 @@
-"""Train a segmentation model: ``python scripts/train.py backbone=vgg16 head=fcn8s``."""
+"""Train a segmentation model: ``python scripts/train.py backbone=vgg16 head=fcn8s``.
+
+On several GPUs: ``torchrun --nproc_per_node=4 scripts/train.py ...`` (docs/distributed.md).
+"""
+
+import os
+import sys
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -6,15 +12,20 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from fcnseg.data import build_transforms
-from fcnseg.engine.trainer import Trainer
+from fcnseg.data.class_weights import resolve_class_weights
+from fcnseg.engine.optim import with_param_groups
+from fcnseg.engine.trainer import Trainer, TrainingInterrupted, seed_everything
 from fcnseg.metrics import format_table
 from fcnseg.models import build_model
+from fcnseg.models.init import init_from_checkpoint
 from fcnseg.utils.cli import user_errors
+from fcnseg.utils.distributed import cleanup, launch_command
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="train")
 def main(cfg: DictConfig) -> None:
     with user_errors("train.py"):
+        seed_everything(cfg.trainer.seed)  # the initial weights follow the run's seed
         ds = cfg.dataset
         make_dataset = instantiate(ds.builder)
         augment = dict(normalize=ds.normalize, ignore_index=ds.ignore_index)
@@ -22,26 +33,55 @@ def main(cfg: DictConfig) -> None:
             train=True, crop_size=ds.crop_size, scale_range=ds.scale_range, hflip=ds.hflip,
             color_jitter=ds.color_jitter, **augment,
         )  # fmt: skip
+        train_set = make_dataset(split=ds.train_split, transform=train_tf)
+        class_weights = resolve_class_weights(
+            OmegaConf.to_container(cfg.loss, resolve=True)["class_weights"], dataset=train_set,
+            num_classes=ds.num_classes, ignore_index=ds.ignore_index,
+            identity={"root": ds.root, "split": ds.train_split,
+                      "builder": OmegaConf.to_container(ds.builder, resolve=True)},
+        )  # fmt: skip
         model = build_model(backbone=instantiate(cfg.backbone), head=instantiate(cfg.head), num_classes=ds.num_classes)
+        # Staged training starts from the coarser net's layers (a resumed run then overrides them).
+        init = init_from_checkpoint(model, cfg.model.init_from) if cfg.model.init_from else None
         trainer = Trainer(
             model=model,
-            train_set=make_dataset(split=ds.train_split, transform=train_tf),
+            train_set=train_set,
             val_set=make_dataset(split=ds.val_split, transform=build_transforms(train=False, **augment)),
-            optimizer=instantiate(cfg.optimizer),
+            optimizer=with_param_groups(instantiate(cfg.optimizer), model, **cfg.param_groups),
             scheduler=instantiate(cfg.scheduler),
             run_dir=HydraConfig.get().runtime.output_dir,
             config=OmegaConf.to_container(cfg, resolve=True),
             class_names=ds.class_names,
             ignore_index=ds.ignore_index,
             normalize=ds.normalize,
-            class_weights=cfg.loss.class_weights,
+            class_weights=class_weights,
             loss_reduction=cfg.loss.reduction,
+            resume_command=resume_command(),
+            batching=ds.get("batching", "pad"),
             **cfg.trainer,
         )
-        metrics = trainer.fit()
+        if init is not None:
+            trainer.log.info(init.summary())
+        try:
+            metrics = trainer.fit()
+        except TrainingInterrupted as stop:  # the trainer has logged how to resume
+            raise SystemExit(stop.exit_code) from None
+        finally:
+            cleanup()
         if trainer.dist.is_main:
             print(f"\n{format_table(metrics)}\n\nrun directory: {trainer.run_dir}")
 
 
+def resume_command() -> str:
+    """The command that continues this run in its own directory."""
+    hydra_cfg = HydraConfig.get()
+    args = [o for o in hydra_cfg.overrides.task if not o.lstrip("+~").startswith("trainer.resume=")]
+    here = f"hydra.run.dir={hydra_cfg.runtime.output_dir}"
+    return launch_command([*args, here, "trainer.resume=true"])
+
+
 if __name__ == "__main__":
+    if int(os.environ.get("RANK", "0")) > 0:
+        # Rank 0 owns the run directory: the other processes leave no .hydra copy or log there.
+        sys.argv += ["hydra.output_subdir=null", "hydra/job_logging=none"]
     main()

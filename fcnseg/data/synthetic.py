@@ -1,9 +1,10 @@
 """A procedurally generated segmentation dataset that ships as code.
 
-Every object and the background take colours from the same distribution, so a pixel's colour
-says nothing about its class: only the shape around it (disc, square, triangle) or its texture
-(stripes) does, and the network has to use spatial context. Samples are a pure function of
-``(seed, split, index)``, so every process and every run sees the same data.
+Objects and background draw their colours from the same distribution, and every object class
+takes every outline (disc, square, triangle), so neither a pixel's colour nor the outline around
+it tells its class: only the texture in its neighbourhood does (plain, stripes, checks, dots on
+a blotchy background), and the network has to look at spatial context. Samples are a pure
+function of ``(seed, split, index)``, so every process and every run sees the same data.
 """
 
 from __future__ import annotations
@@ -16,11 +17,11 @@ import numpy as np
 
 from fcnseg.data.base import Sample, SegmentationDataset
 
-CLASS_NAMES = ("background", "disc", "square", "triangle", "stripes")
+CLASS_NAMES = ("background", "plain", "stripes", "checks", "dots")
 
 
 class SyntheticShapes(SegmentationDataset):
-    """Random shapes on noisy backgrounds, images of varying sizes.
+    """Textured shapes on blotchy backgrounds, images of varying sizes.
 
     Args:
         split: ``train``, ``val`` or ``test``; each split has its own samples.
@@ -66,7 +67,7 @@ class SyntheticShapes(SegmentationDataset):
             cls = int(rng.integers(1, len(CLASS_NAMES)))
             r = rng.uniform(7, min(h, w) / 3.5)
             cy, cx = rng.uniform(r * 0.7, h - r * 0.7), rng.uniform(r * 0.7, w - r * 0.7)
-            region = _shape(cls, rng, yy - cy, xx - cx, r)
+            region = _shape(int(rng.integers(3)), rng, yy - cy, xx - cx, r)
             image[region] = _fill(cls, rng, yy[region], xx[region])
             mask[region] = cls
         return image, mask
@@ -81,30 +82,37 @@ def _noise_background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
     return np.clip(image, 0, 255).astype(np.uint8)
 
 
-def _shape(cls: int, rng: np.random.Generator, dy: np.ndarray, dx: np.ndarray, r: float) -> np.ndarray:
-    if cls == 1:  # disc
+def _shape(kind: int, rng: np.random.Generator, dy: np.ndarray, dx: np.ndarray, r: float) -> np.ndarray:
+    """Pixels inside a disc (0), a rotated square (1) or a rotated triangle (2)."""
+    if kind == 0:
         return dy**2 + dx**2 <= r**2
     theta = rng.uniform(0, np.pi)
     u = dx * np.cos(theta) + dy * np.sin(theta)
     v = -dx * np.sin(theta) + dy * np.cos(theta)
-    if cls == 2:  # square, rotated
+    if kind == 1:
         return (np.abs(u) <= r * 0.85) & (np.abs(v) <= r * 0.85)
-    if cls == 3:  # equilateral triangle, rotated
-        inside = np.ones_like(u, dtype=bool)
-        for k in range(3):
-            a = 2 * np.pi * k / 3
-            inside &= u * np.cos(a) + v * np.sin(a) <= r * 0.5
-        return inside
-    # stripes: an ellipse whose texture, not outline, gives it away
-    return (u / r) ** 2 + (v / (0.7 * r)) ** 2 <= 1
+    inside = np.ones_like(u, dtype=bool)
+    for k in range(3):
+        a = 2 * np.pi * k / 3
+        inside &= u * np.cos(a) + v * np.sin(a) <= r * 0.5
+    return inside
 
 
 def _fill(cls: int, rng: np.random.Generator, yy: np.ndarray, xx: np.ndarray) -> np.ndarray:
+    """Colours of the pixels (yy, xx) of an object of class ``cls``: its texture."""
     colour = rng.uniform(0, 255, size=3)
-    if cls != 4:
-        return np.clip(colour + rng.normal(0, 8, size=(yy.size, 3)), 0, 255).astype(np.uint8)
+    if cls == 1:  # plain
+        return np.clip(colour + rng.normal(0, 6, size=(yy.size, 3)), 0, 255).astype(np.uint8)
     other = rng.uniform(0, 255, size=3)
-    angle, period = rng.uniform(0, np.pi), rng.uniform(3.5, 6)
-    phase = (xx * np.cos(angle) + yy * np.sin(angle)) / period
-    stripe = (np.floor(phase) % 2 == 0)[:, None]
-    return np.where(stripe, colour, other).astype(np.uint8)
+    while np.abs(other - colour).sum() < 120:  # keep the texture visible
+        other = rng.uniform(0, 255, size=3)
+    angle, period = rng.uniform(0, np.pi), rng.uniform(4, 7)
+    u = (xx * np.cos(angle) + yy * np.sin(angle)) / period
+    v = (-xx * np.sin(angle) + yy * np.cos(angle)) / period
+    if cls == 2:  # stripes
+        on = np.floor(u) % 2 == 0
+    elif cls == 3:  # checks
+        on = (np.floor(u) + np.floor(v)) % 2 == 0
+    else:  # dots
+        on = (u - np.round(u)) ** 2 + (v - np.round(v)) ** 2 < 0.09
+    return np.where(on[:, None], colour, other).astype(np.uint8)

@@ -15,6 +15,8 @@ import cv2
 import numpy as np
 import torch
 
+from fcnseg.errors import UserError
+
 
 @dataclass(frozen=True)
 class Normalization:
@@ -31,7 +33,9 @@ NORMALIZATIONS = {
     "imagenet": Normalization((0.485, 0.456, 0.406), (0.229, 0.224, 0.225), 255.0),
     # The Caffe VGG16 the FCN paper fine-tuned: BGR, 0-255, mean pixel subtracted. The mean is
     # listed here in RGB order; the channels are swapped after normalisation.
-    "caffe": Normalization((122.67891434, 116.66876762, 104.00698793), (1.0, 1.0, 1.0), 1.0, bgr=True),
+    "caffe": Normalization(
+        (122.67891434, 116.66876762, 104.00698793), (1.0, 1.0, 1.0), 1.0, bgr=True
+    ),
     # Pixels in [0, 1], nothing subtracted.
     "none": Normalization((0.0, 0.0, 0.0), (1.0, 1.0, 1.0), 255.0),
 }
@@ -39,18 +43,27 @@ NORMALIZATIONS = {
 
 def get_normalization(name: str) -> Normalization:
     if name not in NORMALIZATIONS:
-        from fcnseg.errors import UserError
-
         raise UserError(f"dataset.normalize={name!r} is not one of {sorted(NORMALIZATIONS)}")
     return NORMALIZATIONS[name]
 
 
 class SegTransform:
-    """An albumentations pipeline followed by conversion to tensors (and BGR if asked)."""
+    """An albumentations pipeline followed by conversion to tensors (and BGR if asked).
 
-    def __init__(self, steps: Sequence[A.BasicTransform], normalization: Normalization) -> None:
+    Masks go through OpenCV as uint8 when their values and the ignore index fit in a byte,
+    else as int32 (OpenCV has no int64 images), and come out as int64 tensors.
+    """
+
+    def __init__(
+        self,
+        steps: Sequence[A.BasicTransform],
+        normalization: Normalization,
+        *,
+        train: bool = False,
+    ) -> None:
         n = normalization
         self.normalization = n
+        self.train = train
         self.pipeline = A.Compose(
             [*steps, A.Normalize(mean=n.mean, std=n.std, max_pixel_value=n.max_pixel_value)]
         )
@@ -60,11 +73,15 @@ class SegTransform:
         self.pipeline.set_random_seed(seed)
 
     def __call__(self, image: np.ndarray, mask: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        if mask.dtype not in (np.uint8, np.int32):
+            mask = mask.astype(np.int32)
         out = self.pipeline(image=image, mask=mask)
         img = out["image"].transpose(2, 0, 1)
         if self.normalization.bgr:
             img = img[::-1]
-        return torch.from_numpy(np.ascontiguousarray(img)), torch.from_numpy(out["mask"].astype(np.int64))
+        return torch.from_numpy(np.ascontiguousarray(img)), torch.from_numpy(
+            out["mask"].astype(np.int64)
+        )
 
 
 def build_transforms(
@@ -92,18 +109,25 @@ def build_transforms(
     norm = get_normalization(normalize)
     steps: list[A.BasicTransform] = []
     if train:
-        lo, hi = scale_range
+        lo, hi = _scale_range(scale_range)
+        crop_size = _crop_size(crop_size)
+        if not 0 <= color_jitter <= 1:
+            raise UserError(f"dataset.color_jitter={color_jitter} must lie in [0, 1]")
         if (lo, hi) != (1.0, 1.0):
             steps.append(
                 A.RandomScale(
                     scale_limit=(lo - 1.0, hi - 1.0),
                     interpolation=cv2.INTER_LINEAR,
-                    mask_interpolation=cv2.INTER_NEAREST,
+                    # OpenCV's INTER_NEAREST samples pixel corners while INTER_LINEAR samples
+                    # pixel centres, which shifts labels against the image by up to half an input
+                    # pixel. NEAREST_EXACT samples centres too (tests/test_transforms.py catches
+                    # the difference).
+                    mask_interpolation=cv2.INTER_NEAREST_EXACT,
                     p=1.0,
                 )
             )
         if crop_size is not None:
-            ch, cw = (crop_size, crop_size) if isinstance(crop_size, int) else crop_size
+            ch, cw = crop_size
             steps += [
                 A.PadIfNeeded(
                     min_height=ch,
@@ -119,7 +143,27 @@ def build_transforms(
         if color_jitter > 0:
             j = color_jitter
             steps.append(A.ColorJitter(brightness=j, contrast=j, saturation=j, hue=0.0, p=0.8))
-    return SegTransform(steps, norm)
+    return SegTransform(steps, norm, train=train)
+
+
+def _scale_range(scale_range: Sequence[float]) -> tuple[float, float]:
+    values = list(scale_range) if isinstance(scale_range, Sequence | np.ndarray) else None
+    if values is None or len(values) != 2 or not 0 < values[0] <= values[1]:
+        raise UserError(
+            f"dataset.scale_range={scale_range} must be [low, high] with 0 < low <= high"
+        )
+    return float(values[0]), float(values[1])
+
+
+def _crop_size(crop_size: int | Sequence[int] | None) -> tuple[int, int] | None:
+    if crop_size is None:
+        return None
+    sides = [crop_size, crop_size] if isinstance(crop_size, int) else list(crop_size)
+    if len(sides) != 2 or not all(isinstance(s, int) and s > 0 for s in sides):
+        raise UserError(
+            f"dataset.crop_size={crop_size} must be a positive side, [height, width] or null"
+        )
+    return sides[0], sides[1]
 
 
 def denormalize(images: torch.Tensor, normalize: str) -> torch.Tensor:

@@ -1,15 +1,29 @@
-"""Whole-image evaluation, exact on any number of processes."""
+"""Evaluation at full resolution, exact on any number of processes.
+
+Each process scores its contiguous shard of the split (``InferenceSampler``: no sample twice,
+none dropped) and the confusion matrices are summed, so the metrics of N processes are those of
+one, bit for bit, whatever N and the split's size.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import copy
+import itertools
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.data import Dataset, SequentialSampler
 
+from fcnseg.data.loader import InferenceSampler, eval_loader
+from fcnseg.engine.inference import Inference
 from fcnseg.metrics import SegMetrics
-from fcnseg.utils.distributed import all_reduce_sum, get_info
-from fcnseg.utils.logging import progress
+from fcnseg.utils.distributed import all_reduce_sum, get_info, init_distributed, resolve_device
+from fcnseg.utils.logging import get_logger, progress
+
+PredictionSink = Callable[[int, torch.Tensor], None]
 
 
 @torch.no_grad()
@@ -21,31 +35,184 @@ def evaluate(
     device: torch.device,
     autocast: torch.autocast | None = None,
     keep: int = 0,
+    inference: Inference | None = None,
+    on_prediction: PredictionSink | None = None,
 ) -> tuple[dict, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]:
     """Scores ``loader`` (this process's shard) and sums confusion matrices over processes.
 
-    Returns the metrics and up to ``keep`` (image, target, prediction) triples from the first
-    batches, for pictures.
+    Args:
+        model: maps (N, 3, H, W) to logits (N, C, H, W).
+        loader: (images, targets) batches; a batch of several images of different sizes is
+            padded, which changes the network's view near the padding, so batches of one
+            image are the exact full-resolution protocol.
+        metrics: reset, filled and left holding the all-reduced confusion matrix.
+        device: where the model runs.
+        autocast: the forward's autocast context (the logits' average stays float32).
+        keep: return up to this many (image, target, prediction) triples, for pictures.
+        inference: whole image, sliding windows, TTA; a plain whole-image pass by default.
+        on_prediction: called with (dataset index, labels (H, W)) for every image, to save
+            predictions; indices follow the loader's sampler when it is sequential.
+
+    Returns:
+        The metrics (``SegMetrics.compute()``, identical on every process) and the kept
+        triples (on the CPU).
     """
+    inference = inference or Inference()
     was_training = model.training
     model.eval()
     metrics.reset()
     kept: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    sampler = getattr(loader, "sampler", None)
+    ordered = isinstance(sampler, InferenceSampler | SequentialSampler)
+    indices = iter(sampler) if ordered else itertools.count()
     info = get_info()
     for images, targets in progress(loader, desc="eval", enabled=info.is_main):
         images = images.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True)
-        with autocast or torch.autocast(device.type, enabled=False):
-            logits = model(images)
-        preds = logits.argmax(1)
+        preds = inference.predict(model, images, autocast=autocast)
         metrics.update(preds, targets)
+        for i in range(images.shape[0]):
+            index = next(indices)
+            if on_prediction is not None:
+                on_prediction(index, preds[i])
         for i in range(min(images.shape[0], keep - len(kept))):
             kept.append((images[i].cpu(), targets[i].cpu(), preds[i].cpu()))
     n = metrics.num_classes
-    confusion = metrics.confusion if metrics.confusion is not None else torch.zeros(n, n, dtype=torch.int64, device=device)
-    totals = torch.cat([confusion.flatten(), torch.tensor([metrics.num_images], device=confusion.device)])
-    totals = all_reduce_sum(totals.to(device))
+    confusion = metrics.confusion
+    if confusion is None:
+        confusion = torch.zeros(n, n, dtype=torch.int64, device=device)
+    count = torch.tensor([metrics.num_images], device=confusion.device)
+    totals = all_reduce_sum(torch.cat([confusion.flatten(), count]).to(device))
     metrics.reset()
     metrics.add_confusion(totals[:-1].view(n, n).cpu(), int(totals[-1]))
     model.train(was_training)
     return metrics.compute(), kept
+
+
+def evaluation_dataset(
+    trained: Mapping[str, Any], given: Mapping[str, Any], *, chosen: bool
+) -> dict[str, Any]:
+    """The dataset config to evaluate a checkpoint on.
+
+    Args:
+        trained: the checkpoint's resolved ``config["dataset"]``.
+        given: the ``dataset`` node of the command line's config.
+        chosen: whether ``given`` is a whole dataset config (``dataset=NAME``); it must have
+            the checkpoint's number of classes. Otherwise ``given`` holds values to change in
+            the checkpoint's dataset (``dataset.root=DIR``; ``None`` keeps the trained value),
+            also in its builder where the builder had the trained value, since the
+            checkpoint stores the builder's ``${dataset.root}`` interpolations resolved.
+    """
+    from fcnseg.errors import UserError
+
+    if chosen:
+        ds = copy.deepcopy(dict(given))
+        if ds.get("num_classes") != trained["num_classes"]:
+            raise UserError(
+                f"dataset={ds.get('name')} has {ds.get('num_classes')} classes but the checkpoint "
+                f"was trained on {trained['num_classes']} ({trained.get('name')})"
+            )
+        return ds
+    ds = copy.deepcopy(dict(trained))
+    builder = ds.get("builder", {})
+    for key, value in given.items():
+        if value is not None:
+            if key in builder and builder[key] == trained.get(key):
+                builder[key] = value
+            ds[key] = value
+    return ds
+
+
+def run_evaluation(
+    model: nn.Module,
+    dataset: Dataset,
+    *,
+    class_names: Sequence[str],
+    ignore_index: int = 255,
+    normalize: str = "imagenet",
+    inference: Inference | None = None,
+    device: str = "auto",
+    amp: str = "none",
+    num_workers: int = 2,
+    on_prediction: PredictionSink | None = None,
+    tensorboard_dir: str | Path | None = None,
+    tensorboard_prefix: str = "val",
+    step: int = 0,
+    num_vis: int = 4,
+    colors: Any = None,
+) -> dict[str, Any]:
+    """Evaluates ``model`` on all of ``dataset``, one image at a time at full resolution.
+
+    Under torchrun every process takes its shard and the metrics are exact; predictions are
+    written by the process that made them; rank 0 writes TensorBoard.
+
+    Args:
+        model: the network (moved to ``device``).
+        dataset: yields (normalised image, label map) at full resolution.
+        class_names: one per class; their number is the number of classes scored.
+        ignore_index: label value that is not scored.
+        normalize: the images' normalisation, to show them in TensorBoard.
+        inference: whole image, sliding windows, TTA.
+        device: ``auto``, ``cpu`` or ``cuda``.
+        amp: ``none``, ``bf16`` or ``fp16`` autocast for the forward passes.
+        num_workers: loader processes.
+        on_prediction: ``(index, labels)`` callback, e.g. ``fcnseg.utils.export.PredictionWriter``.
+        tensorboard_dir: write scalars, table, image grid and figures here.
+        tensorboard_prefix: their tag prefix.
+        step: their global step (the checkpoint's iteration).
+        num_vis: images in the TensorBoard grid.
+        colors: class colours for pictures (the VOC map by default).
+
+    Returns:
+        ``SegMetrics.compute()`` of the whole dataset.
+    """
+    from fcnseg.engine.trainer import AMP_DTYPES  # the trainer imports this module
+    from fcnseg.errors import UserError
+
+    if amp not in AMP_DTYPES:
+        raise UserError(f"trainer.amp={amp!r} is not one of {sorted(AMP_DTYPES)}")
+    dev = resolve_device(device)
+    dist = init_distributed(dev)
+    if dist.enabled and dev.type == "cuda":
+        dev = resolve_device(device, dist.local_rank)
+    model.to(dev)
+    loader = eval_loader(
+        dataset,
+        batch_size=1,
+        num_workers=num_workers,
+        rank=dist.rank,
+        world_size=dist.world_size,
+        ignore_index=ignore_index,
+        pin_memory=dev.type == "cuda",
+    )
+    dtype = AMP_DTYPES[amp]
+    autocast = torch.autocast(dev.type, dtype=dtype, enabled=dtype is not None)
+    get_logger().info(
+        "evaluating %d images on %s x %d process(es) with %s",
+        len(dataset),
+        dev,
+        dist.world_size,
+        inference or Inference(),
+    )
+    scorer = SegMetrics(len(class_names), ignore_index, class_names)
+    write_tb = tensorboard_dir is not None and dist.is_main
+    metrics, samples = evaluate(
+        model,
+        loader,
+        scorer,
+        device=dev,
+        autocast=autocast,
+        keep=num_vis if write_tb else 0,
+        inference=inference,
+        on_prediction=on_prediction,
+    )
+    if write_tb:
+        from torch.utils.tensorboard import SummaryWriter
+
+        from fcnseg.utils.visualize import log_evaluation
+
+        with SummaryWriter(str(tensorboard_dir)) as writer:
+            log_evaluation(
+                writer, metrics, samples, step, normalize, prefix=tensorboard_prefix, colors=colors
+            )
+    return metrics

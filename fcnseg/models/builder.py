@@ -35,7 +35,7 @@ def build_model(
     """
     if isinstance(backbone, str):
         backbone = _lookup(backbones, backbone, "backbone")(
-            pretrained=pretrained, **dict(backbone_options or {})
+            **{"pretrained": pretrained, **dict(backbone_options or {})}
         )
     if isinstance(head, str):
         head = _lookup(heads, head, "head")

@@ -82,3 +82,43 @@ def align(x: torch.Tensor, offset: tuple[int, int], size: tuple[int, int]) -> to
     if 0 <= oy and 0 <= ox and oy + h <= x.shape[-2] and ox + w <= x.shape[-1]:
         return x[..., oy : oy + h, ox : ox + w]
     return F.pad(x, (-ox, ox + w - x.shape[-1], -oy, oy + h - x.shape[-2]))
+
+
+class FullyConnectedConv2d(nn.Conv2d):
+    """A convolution that stands for a fully connected layer (VGG's fc6: a 7x7 kernel over 512
+    channels), with ``nn.Conv2d``'s parameters, state dict and results.
+
+    On the CPU it runs as one matrix product over the unfolded windows: oneDNN's direct
+    convolution is slow for a large kernel on a small map (fc6 on a 12x12 pool5 map: 0.66 s
+    against 0.22 s as a matrix product, one core; docs/benchmarks.md). Elsewhere, and when the
+    unfolded windows would pass ``max_unfold_bytes``, it is the ordinary convolution.
+    """
+
+    max_unfold_bytes = 1 << 30
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (
+            x.device.type != "cpu"
+            or x.dim() != 4
+            or self.groups != 1
+            or self.padding_mode != "zeros"
+            or isinstance(self.padding, str)
+            or not self.weight.is_contiguous()  # channels-last weights would be copied
+        ):
+            return super().forward(x)
+        n, _, h, w = x.shape
+        (kh, kw), (sh, sw) = self.kernel_size, self.stride
+        (ph, pw), (dh, dw) = self.padding, self.dilation
+        oh = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+        ow = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+        unfold_bytes = n * oh * ow * self.weight[0].numel() * x.element_size()
+        if oh < 1 or ow < 1 or unfold_bytes > self.max_unfold_bytes:
+            return super().forward(x)
+        cols = F.unfold(x, self.kernel_size, self.dilation, self.padding, self.stride)
+        out = F.linear(cols.transpose(1, 2), self.weight.flatten(1), self.bias)  # (N, L, C)
+        # (N, L, C) is the channels-last layout of (N, C, oh, ow): a view, then the input's layout.
+        out = out.view(n, oh, ow, -1).permute(0, 3, 1, 2)
+        nhwc = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+        return out.contiguous(
+            memory_format=torch.channels_last if nhwc else torch.contiguous_format
+        )

@@ -1,16 +1,35 @@
-"""torch.distributed as launched by torchrun: one process per device, env:// rendezvous."""
+"""torch.distributed as launched by torchrun: one process per device, env:// rendezvous.
+
+torchrun (``python -m torch.distributed.run``) starts the processes and describes the group in
+the environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``, ...); this module
+joins that group (NCCL on GPUs, gloo on CPU) and offers the few collectives the engine needs.
+Everything is a no-op in a single process, so the same code runs with and without a launcher.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shlex
+import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from fcnseg.errors import UserError
+
+# What torchrun sets for every worker; a process started by hand without them is alone.
+_TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
 
 @dataclass(frozen=True)
 class DistInfo:
+    """This process's place in the group (rank 0 of 1 when not distributed)."""
+
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
@@ -25,60 +44,148 @@ class DistInfo:
 
 
 def resolve_device(device: str, local_rank: int = 0) -> torch.device:
-    """``auto`` picks this process's GPU when there is one, else the CPU."""
-    from fcnseg.errors import UserError
+    """``auto`` picks this process's GPU when there is one, else the CPU.
 
+    Under torchrun, process ``local_rank`` of a machine takes GPU ``local_rank``; more processes
+    than GPUs on one machine is refused (NCCL cannot put two ranks on one GPU).
+    """
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda":
         if not torch.cuda.is_available():
-            raise UserError("trainer.device=cuda but no CUDA device is visible; use trainer.device=cpu")
-        return torch.device("cuda", local_rank % torch.cuda.device_count())
+            raise UserError(
+                "trainer.device=cuda but no CUDA device is visible; use trainer.device=cpu"
+            )
+        count = torch.cuda.device_count()
+        if local_rank >= count:
+            raise UserError(
+                f"process LOCAL_RANK={local_rank} has no GPU of its own: this machine shows "
+                f"{count}; launch at most --nproc_per_node={count}"
+            )
+        return torch.device("cuda", local_rank)
     if device != "cpu":
         raise UserError(f"trainer.device={device!r} is not one of auto, cpu, cuda")
     return torch.device("cpu")
 
 
 def init_distributed(device: torch.device) -> DistInfo:
-    """Joins the process group torchrun describes in the environment (no-op when alone)."""
+    """Joins the process group torchrun describes in the environment (no-op when alone).
+
+    The backend is NCCL for CUDA devices and gloo otherwise. A group that the caller already
+    initialised is reused as it is.
+    """
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
+    if world <= 1 and not _active():
         return DistInfo()
     if not dist.is_initialized():
+        missing = [key for key in _TORCHRUN_ENV if key not in os.environ]
+        if missing:
+            raise UserError(
+                f"WORLD_SIZE={world} is set but {', '.join(missing)} is not: launch the "
+                f"processes with torchrun (python -m torch.distributed.run)"
+            )
         backend = "nccl" if device.type == "cuda" else "gloo"
         if device.type == "cuda":
-            torch.cuda.set_device(device)
+            # This process's own GPU, whichever index the caller resolved before knowing its rank:
+            # NCCL and the CUDA generator state follow the current device.
+            torch.cuda.set_device(resolve_device("cuda", int(os.environ["LOCAL_RANK"])))
         dist.init_process_group(backend=backend)
-    return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+    return get_info()
 
 
 def get_info() -> DistInfo:
-    if dist.is_available() and dist.is_initialized():
-        return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+    """The current group's rank and size (rank 0 of 1 when there is none)."""
+    if _active():
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank)
     return DistInfo()
+
+
+def _active() -> bool:
+    return dist.is_available() and dist.is_initialized()
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """Sum over processes, in place; identity when not distributed."""
-    if dist.is_available() and dist.is_initialized():
+    if _active():
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
 
 
-def broadcast_object(obj, src: int = 0):
+def broadcast_object(obj: Any, src: int = 0) -> Any:
     """Rank ``src``'s ``obj`` on every process."""
-    if not (dist.is_available() and dist.is_initialized()):
+    if not _active():
         return obj
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
 
 
+def all_gather_object(obj: Any) -> list[Any]:
+    """Every process's ``obj``, in rank order, on every process."""
+    if not _active():
+        return [obj]
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
+    """Copies rank ``src``'s buffers (BatchNorm running statistics) to every process.
+
+    Without SyncBatchNorm each process updates the statistics with its own batches; DDP
+    re-broadcasts them only at the next training forward, so an evaluation in between would see
+    slightly different statistics on each process, and not those of the checkpoint.
+    """
+    if _active():
+        for buffer in module.buffers():
+            dist.broadcast(buffer.data, src=src)
+
+
 def barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
+    if _active():
         dist.barrier()
 
 
 def cleanup() -> None:
-    if dist.is_available() and dist.is_initialized():
+    """Leaves the process group (PyTorch warns at exit when a group is left open)."""
+    if _active():
         dist.destroy_process_group()
+
+
+def shared_run_dir(path: str | Path) -> Path:
+    """Rank 0's run directory, on every process.
+
+    Each process started by torchrun composes its own configuration, and a run directory named
+    after the launch time can differ by a second between processes. Rank 0's wins; this process's
+    own folder, when different and still empty, was made for nothing and is removed (with its
+    parent, a date folder, when that is left empty too).
+    """
+    own = Path(path).absolute()
+    shared = Path(broadcast_object(str(own)))
+    if shared != own:
+        for folder in (own, own.parent):
+            with contextlib.suppress(OSError):  # not empty, or already gone: leave it
+                folder.rmdir()
+    return shared
+
+
+def launch_command(args: Sequence[str], *, script: str | None = None) -> str:
+    """The command that starts ``script`` with ``args`` the way this process was started.
+
+    ``python SCRIPT ...`` for a single process, ``torchrun --nproc_per_node=N SCRIPT ...`` under
+    torchrun on one machine; across machines the rendezvous options cannot be recovered from a
+    worker and are left for the user to repeat.
+    """
+    script = script or sys.argv[0]
+    tail = shlex.join([script, *args])
+    if "TORCHELASTIC_RUN_ID" not in os.environ:
+        return f"python {tail}"
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
+    if world == local:
+        return f"torchrun --nproc_per_node={local} {tail}"
+    return (
+        f"torchrun --nnodes={world // local} --nproc_per_node={local} "
+        f"<the same rendezvous options on every machine> {tail}"
+    )

@@ -1,5 +1,28 @@
 """Backbones: each returns named feature maps and describes them in ``feature_info``."""
 
+from fcnseg.models.backbones.alexnet import AlexNet, alexnet
+from fcnseg.models.backbones.resnet import ResNet, resnet50, resnet101
 from fcnseg.models.backbones.vgg import VGG, vgg16, vgg16_bn, vgg19, vgg_tiny
+from fcnseg.models.backbones.vgg_encoder import (
+    VGGEncoder,
+    vgg16_bn_encoder,
+    vgg16_encoder,
+    vgg_tiny_encoder,
+)
 
-__all__ = ["VGG", "vgg16", "vgg16_bn", "vgg19", "vgg_tiny"]
+__all__ = [
+    "AlexNet",
+    "ResNet",
+    "VGG",
+    "VGGEncoder",
+    "alexnet",
+    "resnet50",
+    "resnet101",
+    "vgg16",
+    "vgg16_bn",
+    "vgg16_bn_encoder",
+    "vgg16_encoder",
+    "vgg19",
+    "vgg_tiny",
+    "vgg_tiny_encoder",
+]

@@ -1,0 +1,143 @@
+"""AlexNet with the classifier converted to convolutions, aligned as in FCN-AlexNet.
+
+The layers are torchvision's AlexNet (so its ImageNet weights load), arranged as the reference
+Caffe FCN-AlexNet arranges its own: conv1 padded by 100 (any input survives the three poolings
+and the valid 6x6 fc6), poolings rounding up (Caffe's ceil mode), fc6 a 6x6 convolution over
+pool5 and fc7 a 1x1 convolution. Layer names are Caffe's (``conv1`` ... ``pool5``, ``fc6``,
+``fc7``).
+
+The heads ask for ``pool3`` (stride 8), ``pool4`` (stride 16) and ``fc7`` (stride 32), VGG's
+names; AlexNet's maps at strides 8 and 16 are its ``pool1`` and ``pool2``, returned under those
+names so that every FCN head works on it (the paper's FCN-AlexNet is a 32s net).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from fcnseg.convert import linear_weight_as_conv
+from fcnseg.errors import UserError
+from fcnseg.models.backbones.weights import load_local_state_dict, torchvision_state_dict
+from fcnseg.models.layers import FeatureInfo, FullyConnectedConv2d, coord_map
+
+ALEXNET_WIDTHS = (64, 192, 384, 256, 256)  # torchvision's single-tower AlexNet
+# The feature each head asks for -> the AlexNet layer that computes it.
+FEATURES = {"pool3": "pool1", "pool4": "pool2"}
+# torchvision's ``features`` indices of conv1 ... conv5.
+TORCHVISION_CONVS = {"conv1": 0, "conv2": 3, "conv3": 6, "conv4": 8, "conv5": 10}
+
+
+class AlexNet(nn.Module):
+    """AlexNet as a dense feature extractor returning ``pool3``, ``pool4`` and ``fc7``.
+
+    Args:
+        widths: output channels of conv1 ... conv5.
+        fc_channels: width of fc6/fc7 (4096 in AlexNet).
+        first_padding: padding of conv1; 100 is FCN-AlexNet's choice.
+        dropout: dropout after fc6 and fc7.
+    """
+
+    out_features = ("pool3", "pool4", "fc7")
+
+    def __init__(
+        self,
+        widths: Sequence[int] = ALEXNET_WIDTHS,
+        *,
+        fc_channels: int = 4096,
+        first_padding: int = 100,
+        dropout: float = 0.5,
+    ) -> None:
+        super().__init__()
+        c1, c2, c3, c4, c5 = widths
+
+        def pool() -> nn.MaxPool2d:
+            return nn.MaxPool2d(3, stride=2, ceil_mode=True)
+
+        self.features = nn.Sequential(
+            OrderedDict(
+                conv1=nn.Conv2d(3, c1, 11, stride=4, padding=first_padding),
+                relu1=nn.ReLU(inplace=True),
+                pool1=pool(),
+                conv2=nn.Conv2d(c1, c2, 5, padding=2),
+                relu2=nn.ReLU(inplace=True),
+                pool2=pool(),
+                conv3=nn.Conv2d(c2, c3, 3, padding=1),
+                relu3=nn.ReLU(inplace=True),
+                conv4=nn.Conv2d(c3, c4, 3, padding=1),
+                relu4=nn.ReLU(inplace=True),
+                conv5=nn.Conv2d(c4, c5, 3, padding=1),
+                relu5=nn.ReLU(inplace=True),
+                pool5=pool(),
+            )
+        )
+        # fc6 sees the 6x6 pool5 window that the ImageNet classifier's first Linear layer saw.
+        self.fc = nn.Sequential(
+            OrderedDict(
+                fc6=FullyConnectedConv2d(c5, fc_channels, 6),
+                relu6=nn.ReLU(inplace=True),
+                drop6=nn.Dropout2d(dropout),
+                fc7=nn.Conv2d(fc_channels, fc_channels, 1),
+                relu7=nn.ReLU(inplace=True),
+                drop7=nn.Dropout2d(dropout),
+            )
+        )
+        layers = list(self.features.named_children())
+        self.feature_info: dict[str, FeatureInfo] = {}
+        for name, layer in FEATURES.items():
+            upto = [m for _, m in layers[: [n for n, _ in layers].index(layer) + 1]]
+            channels = [m for m in upto if isinstance(m, nn.Conv2d)][-1].out_channels
+            self.feature_info[name] = FeatureInfo(channels, *coord_map(upto))
+        self.feature_info["fc7"] = FeatureInfo(fc_channels, *coord_map([*self.features, *self.fc]))
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        wanted = {layer: name for name, layer in FEATURES.items()}
+        feats = {}
+        for name, layer in self.features.named_children():
+            x = layer(x)
+            if name in wanted:
+                feats[wanted[name]] = x
+        feats["fc7"] = self.fc(x)
+        return feats
+
+    def load_torchvision(self, state_dict: dict[str, torch.Tensor]) -> None:
+        """Loads a torchvision ``alexnet`` state dict, reshaping its Linear layers.
+
+        ``classifier.1`` (9216 -> 4096) becomes the 6x6 fc6, ``classifier.4`` the 1x1 fc7; the
+        1000-way ``classifier.6`` is dropped: the segmentation head scores its own classes.
+        """
+        mapped = {}
+        for name, index in TORCHVISION_CONVS.items():
+            for param in ("weight", "bias"):
+                mapped[f"features.{name}.{param}"] = state_dict[f"features.{index}.{param}"]
+        for name, index in (("fc6", 1), ("fc7", 4)):
+            key = f"classifier.{index}.weight"
+            conv = getattr(self.fc, name)
+            mapped[f"fc.{name}.weight"] = linear_weight_as_conv(
+                state_dict[key], conv.weight.shape, name=key
+            )
+            mapped[f"fc.{name}.bias"] = state_dict[f"classifier.{index}.bias"]
+        self.load_state_dict(mapped, strict=True)
+
+
+def alexnet(*, pretrained: bool = False, weights: str | Path | None = None, **kwargs) -> AlexNet:
+    """AlexNet (Krizhevsky et al.; torchvision's single-tower variant), as in FCN-AlexNet."""
+    model = AlexNet(**kwargs)
+    if weights is not None:
+        try:
+            model.load_torchvision(load_local_state_dict(weights))
+        except (KeyError, RuntimeError) as err:
+            raise UserError(
+                f"backbone.weights={weights} is not a torchvision alexnet state dict ({err})"
+            ) from err
+    elif pretrained:
+        model.load_torchvision(torchvision_state_dict("alexnet"))
+    return model

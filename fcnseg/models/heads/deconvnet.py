@@ -1,0 +1,106 @@
+"""DeconvNet's decoder (Noh, Hong & Han, 2015): a deconvolution network mirroring VGG-16.
+
+The encoder keeps VGG-16's fully-connected layers as convolutions (fc6 7x7, fc7 1x1), so its
+top sees a 7x7 window of pool5, as the ImageNet classifier did. The decoder first undoes fc6
+with a 7x7 transposed convolution (``fc6_deconv``, back to pool5's size), then alternates
+max-unpooling (values back at the argmax positions the encoder recorded) with 3x3 transposed
+convolutions that densify the sparse maps, and scores classes with a 1x1 convolution. The
+layer names are those of the reference ``DeconvNet_inference_deploy.prototxt``.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import nn
+
+from fcnseg.errors import UserError
+from fcnseg.models.heads.segnet import (
+    VGG16_DEPTHS,
+    UnpoolStage,
+    check_unpooling_backbone,
+    conv_block,
+)
+from fcnseg.models.layers import FeatureInfo, align
+
+
+class DeconvNetHead(nn.Module):
+    """``fc6_deconv``, then unpooling stages mirroring the encoder, then ``seg_score``.
+
+    Decoder stage N has as many 3x3 transposed convolutions as encoder stage N; all keep the
+    width of ``poolN`` except the last, which narrows to the width of ``pool(N-1)``.
+
+    Args:
+        feature_info: the backbone's; must describe ``fc7`` and ``pool1`` ... ``poolN`` with
+            their indices (an encoder backbone with ``fc=true``).
+        num_classes: number of output classes.
+        depths: transposed convolutions per decoder stage, finest first (VGG-16's by default).
+        batch_norm: BatchNorm after every transposed convolution (the paper's choice).
+    """
+
+    def __init__(
+        self,
+        feature_info: Mapping[str, FeatureInfo],
+        num_classes: int,
+        *,
+        depths: Sequence[int] = VGG16_DEPTHS,
+        batch_norm: bool = True,
+    ) -> None:
+        super().__init__()
+        if not depths or min(depths) < 1:
+            raise UserError(f"head.depths={list(depths)} needs at least one convolution per stage")
+        pools = check_unpooling_backbone(feature_info, "deconvnet", len(depths))
+        if "fc7" not in feature_info:
+            raise UserError(
+                "head deconvnet starts from the backbone's fc7, which this backbone does not "
+                "compute; set backbone.fc=true"
+            )
+        self.pools = pools
+        top = feature_info[pools[-1]].channels
+        fc6_deconv = nn.ConvTranspose2d(feature_info["fc7"].channels, top, 7)
+        self.fc6_deconv = nn.Sequential(
+            OrderedDict(conv_block(fc6_deconv, ("deconv", "bn", "relu"), batch_norm=batch_norm))
+        )
+        for s in range(len(pools), 0, -1):
+            width = feature_info[f"pool{s}"].channels
+            out = feature_info[f"pool{s - 1}"].channels if s > 1 else width
+            layers: list[tuple[str, nn.Module]] = []
+            for i in range(1, depths[s - 1] + 1):  # deconv5_1, deconv5_2, deconv5_3
+                deconv = nn.ConvTranspose2d(
+                    width, out if i == depths[s - 1] else width, 3, padding=1
+                )
+                names = (f"deconv{s}_{i}", f"debn{s}_{i}", f"derelu{s}_{i}")
+                layers += conv_block(deconv, names, batch_norm=batch_norm)
+            self.add_module(f"stage{s}", UnpoolStage(f"pool{s}", OrderedDict(layers)))
+        self.seg_score = nn.Conv2d(feature_info["pool1"].channels, num_classes, 1)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d | nn.ConvTranspose2d):  # the reference's gaussian filler
+                nn.init.normal_(m.weight, std=0.01)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, features: Mapping[str, torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
+        x = self.fc6_deconv(features["fc7"])
+        # The valid 7x7 transposed conv restores pool5's size; for a pool5 smaller than 7 the
+        # encoder padded it, centred (vgg_encoder.fc6_padding), so a centred crop removes it.
+        h, w = features[self.pools[-1]].shape[-2:]
+        x = align(x, ((x.shape[-2] - h) // 2, (x.shape[-1] - w) // 2), (h, w))
+        for s in range(len(self.pools), 0, -1):
+            x = getattr(self, f"stage{s}")(x, features)
+        if tuple(x.shape[-2:]) != tuple(size):
+            raise RuntimeError(
+                f"the decoder produced {tuple(x.shape[-2:])} for an input of {tuple(size)}"
+            )
+        return self.seg_score(x)
+
+
+def deconvnet(
+    feature_info: Mapping[str, FeatureInfo],
+    num_classes: int,
+    *,
+    depths: Sequence[int] = VGG16_DEPTHS,
+    batch_norm: bool = True,
+) -> DeconvNetHead:
+    """DeconvNet: fc6-deconv, five unpooling + transposed-convolution stages, a 1x1 scorer."""
+    return DeconvNetHead(feature_info, num_classes, depths=depths, batch_norm=batch_norm)

@@ -1,0 +1,78 @@
+"""Evaluate a checkpoint: ``python scripts/evaluate.py checkpoint=PATH [split=val] [out=FILE]``.
+
+Exact under ``torchrun --nproc_per_node=N`` (each process scores a disjoint shard).
+"""
+
+import json
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from fcnseg.data import build_transforms
+from fcnseg.engine.checkpoint import load_checkpoint
+from fcnseg.engine.evaluator import evaluation_dataset, run_evaluation
+from fcnseg.engine.inference import Inference
+from fcnseg.errors import UserError
+from fcnseg.metrics import format_table
+from fcnseg.models.builder import build_model_from_config
+from fcnseg.utils.cli import user_errors
+from fcnseg.utils.distributed import cleanup, get_info
+from fcnseg.utils.export import PredictionWriter
+from fcnseg.utils.logging import setup_logging
+
+
+@hydra.main(version_base="1.3", config_path="../configs", config_name="evaluate")
+def main(cfg: DictConfig) -> None:
+    with user_errors("evaluate.py"):
+        setup_logging()
+        if cfg.checkpoint is None:
+            raise UserError("checkpoint=PATH is required: the checkpoint file to evaluate")
+        ckpt = load_checkpoint(cfg.checkpoint)
+        trained = ckpt["config"]["dataset"]
+        chosen = HydraConfig.get().runtime.choices.get("dataset") not in (None, "null")
+        ds = evaluation_dataset(
+            trained, OmegaConf.to_container(cfg.dataset, resolve=True), chosen=chosen
+        )
+        split = cfg.split or ds["val_split"]
+        # The model sees images normalised as in training, whatever the dataset config says.
+        transform = build_transforms(
+            train=False, normalize=trained["normalize"], ignore_index=ds["ignore_index"]
+        )
+        dataset = instantiate(ds["builder"])(split=split, transform=transform)
+        model = build_model_from_config(ckpt["config"])
+        model.load_state_dict(ckpt["model"])
+        e = cfg.eval
+        writer = e.save_predictions and PredictionWriter(
+            e.save_predictions, dataset=dataset, format=e.format, colors=ds.get("palette")
+        )
+        metrics = run_evaluation(
+            model,
+            dataset,
+            class_names=ds["class_names"],
+            ignore_index=ds["ignore_index"],
+            normalize=trained["normalize"],
+            inference=Inference.from_options(e),
+            device=cfg.trainer.device,
+            amp=cfg.trainer.amp,
+            num_workers=cfg.trainer.num_workers,
+            on_prediction=writer or None,
+            tensorboard_dir=e.tensorboard,
+            tensorboard_prefix=split,
+            step=int(ckpt.get("iteration", 0)),
+            num_vis=e.num_vis,
+            colors=ds.get("palette"),
+        )
+        if get_info().is_main:
+            print(f"{cfg.checkpoint} on {ds['name']} {split}:\n{format_table(metrics)}")
+            if cfg.out:
+                Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
+                Path(cfg.out).write_text(json.dumps(metrics, indent=2))
+                print(f"metrics written to {cfg.out}")
+        cleanup()
+
+
+if __name__ == "__main__":
+    main()

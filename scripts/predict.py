@@ -1,0 +1,45 @@
+"""Predict image files: ``python scripts/predict.py checkpoint=PATH input=FILE_OR_DIR output=DIR``.
+
+Writes ``NAME.png`` (palette label map, the input's width and height) and ``NAME_overlay.jpg``
+(the image blended with the class colours, with a legend) for every image.
+"""
+
+import hydra
+from omegaconf import DictConfig
+
+from fcnseg.engine.checkpoint import load_checkpoint
+from fcnseg.engine.inference import Inference
+from fcnseg.engine.predictor import predict_images
+from fcnseg.errors import UserError
+from fcnseg.models.builder import build_model_from_config
+from fcnseg.utils.cli import user_errors
+
+
+@hydra.main(version_base="1.3", config_path="../configs", config_name="predict")
+def main(cfg: DictConfig) -> None:
+    with user_errors("predict.py"):
+        for key in ("checkpoint", "input"):
+            if cfg[key] is None:
+                raise UserError(
+                    f"{key}=PATH is required (checkpoint=FILE input=FILE_OR_DIR output=DIR)"
+                )
+        ckpt = load_checkpoint(cfg.checkpoint)
+        model = build_model_from_config(ckpt["config"])
+        model.load_state_dict(ckpt["model"])
+        ds = ckpt["config"]["dataset"]
+        written = predict_images(
+            model,
+            cfg.input,
+            cfg.output,
+            class_names=ds["class_names"],
+            normalize=ds["normalize"],
+            inference=Inference.from_options(cfg.eval),
+            device=cfg.trainer.device,
+            colors=ds.get("palette"),
+            alpha=cfg.alpha,
+        )
+        print(f"{len(written)} image(s) predicted into {cfg.output}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,367 @@
+"""docker/: the Dockerfile under hadolint and against the project, .dockerignore, compose.yaml.
+
+No Docker engine is needed: what an engine would reject or build wrongly is checked from the files.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import ROOT
+from packaging.specifiers import SpecifierSet
+from packaging.version import Version
+
+DOCKERFILE = ROOT / "docker" / "Dockerfile"
+COMPOSE = ROOT / "docker" / "compose.yaml"
+DOCKERIGNORE = ROOT / ".dockerignore"
+
+
+def _load(name: str, path: Path):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+check_compose = _load("fcnseg_check_compose", ROOT / "docker" / "check_compose.py")
+
+
+# --------------------------------------------------------------------------- Dockerfile parsing
+def instructions(path: Path = DOCKERFILE) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) in order, continuation lines joined and comments dropped."""
+    out, pending = [], ""
+    for line in path.read_text().splitlines():
+        stripped = line.strip()
+        if not stripped or stripped.startswith("#"):
+            continue  # Docker also drops comment lines inside a continued instruction
+        if stripped.endswith("\\"):
+            pending += stripped[:-1] + " "
+            continue
+        full = pending + stripped
+        pending = ""
+        keyword, _, args = full.partition(" ")
+        out.append((keyword.upper(), args.strip()))
+    return out
+
+
+def build_args() -> dict[str, str]:
+    return dict(a.split("=", 1) for k, a in instructions() if k == "ARG" and "=" in a)
+
+
+def expand(text: str) -> str:
+    return re.sub(r"\$\{(\w+)\}", lambda m: build_args()[m.group(1)], text)
+
+
+def index_of(keyword: str, pattern: str) -> int:
+    for i, (k, args) in enumerate(instructions()):
+        if k == keyword and re.search(pattern, args):
+            return i
+    raise AssertionError(f"no {keyword} matching {pattern!r} in {DOCKERFILE}")
+
+
+def hadolint() -> str:
+    beside = Path(sys.executable).parent / "hadolint"
+    found = str(beside) if beside.is_file() else shutil.which("hadolint")
+    if found is None:
+        pytest.fail(
+            "hadolint is not installed; it comes with the dev extra: pip install -e '.[dev]'"
+        )
+    return found
+
+
+# --------------------------------------------------------------------------- hadolint
+def test_hadolint_passes_on_the_dockerfile():
+    result = subprocess.run(
+        [hadolint(), "--no-color", str(DOCKERFILE.relative_to(ROOT))],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.strip() == ""
+
+
+def test_hadolint_fails_a_careless_dockerfile(tmp_path):
+    # The gate can close: an untagged base, unpinned apt packages and a root user are all caught.
+    bad = tmp_path / "Dockerfile"
+    bad.write_text("FROM ubuntu\nRUN apt-get update && apt-get install -y curl\nUSER root\n")
+    result = subprocess.run(
+        [hadolint(), "--no-color", str(bad)], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode != 0
+    found = set(re.findall(r"DL\d{4}", result.stdout))
+    assert {"DL3006", "DL3008", "DL3002"} <= found, result.stdout
+
+
+def test_make_lint_runs_hadolint_and_the_compose_check():
+    result = subprocess.run(
+        ["make", "-n", "lint"], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    lines = [line.strip() for line in result.stdout.splitlines()]
+    assert ".venv/bin/hadolint docker/Dockerfile" in lines
+    assert ".venv/bin/python docker/check_compose.py docker/compose.yaml" in lines
+
+
+# --------------------------------------------------------------------------- Dockerfile content
+def test_base_image_is_the_pytorch_release_the_project_resolves_to():
+    froms = [args for k, args in instructions() if k == "FROM"]
+    assert len(froms) == 1
+    image = expand(froms[0])
+    match = re.fullmatch(r"pytorch/pytorch:(\d+\.\d+\.\d+)-cuda(\d+\.\d+)-cudnn\d+-runtime", image)
+    assert match, f"{image} is not an official pytorch/pytorch CUDA runtime tag"
+    tag_torch, tag_cuda = match.groups()
+
+    installed = Version(torch.__version__).base_version  # 2.14.1+cu130 -> 2.14.1
+    assert tag_torch == installed, "the image must carry the torch release pyproject resolves to"
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    torch_range = re.search(r'"torch([<>=!~][^"]*)"', pyproject).group(1)
+    assert Version(tag_torch) in SpecifierSet(torch_range), "pip would replace the base's torch"
+    if torch.version.cuda is not None:
+        assert tag_cuda == torch.version.cuda, "the image's CUDA build differs from pip's default"
+
+
+def test_dependencies_are_installed_in_a_layer_before_the_source():
+    copy_pyproject = index_of("COPY", r"^pyproject\.toml ")
+    install_deps = index_of("RUN", r"pip install --requirement")
+    copy_source = index_of("COPY", r"^fcnseg ")
+    install_package = index_of("RUN", r"pip install --no-deps \.")
+    assert copy_pyproject < install_deps < copy_source < install_package
+    # Nothing from the source tree reaches the image before the dependencies are installed.
+    copies = [i for i, (k, _) in enumerate(instructions()) if k == "COPY"]
+    assert [i for i in copies if i < install_deps] == [copy_pyproject]
+    # The base's CUDA torch is held as a constraint while pip resolves the dependencies.
+    assert "--constraint" in instructions()[install_deps][1]
+
+
+def test_image_runs_the_launcher_as_a_non_root_user():
+    steps = instructions()
+    users = [expand(args) for k, args in steps if k == "USER"]
+    assert users, "no USER: the image would run as root"
+    uid = users[-1].split(":")[0]
+    assert uid not in ("0", "root")
+    assert index_of("USER", ".") < index_of("ENTRYPOINT", ".")
+
+    entrypoint = json.loads(steps[index_of("ENTRYPOINT", ".")][1])
+    assert entrypoint[0] == "python3"
+    # The launcher is where the COPY put it: WORKDIR at that point + the COPY destination.
+    workdir = None
+    for keyword, args in steps[: index_of("COPY", r"^docker/launch\.py ")]:
+        if keyword == "WORKDIR":
+            workdir = args
+    destination = steps[index_of("COPY", r"^docker/launch\.py ")][1].split()[1]
+    installed_at = str((Path(workdir) / destination).resolve())
+    assert entrypoint[1] == installed_at == check_compose.LAUNCHER
+
+
+def test_volumes_port_and_healthcheck_are_declared():
+    steps = instructions()
+    volumes = [v for k, args in steps if k == "VOLUME" for v in json.loads(args)]
+    assert {"/data", "/outputs"} <= set(volumes)
+    env = " ".join(args for k, args in steps if k == "ENV")
+    assert "FCNSEG_OUTPUT_DIR=/outputs" in env  # the launcher puts runs in the volume
+    assert "TENSORBOARD_HOST=0.0.0.0" in env  # reachable through a published port
+    assert any(k == "EXPOSE" and "6006" in args.split() for k, args in steps)
+    healthchecks = [args for k, args in steps if k == "HEALTHCHECK"]
+    assert len(healthchecks) == 1
+    if healthchecks[0] == "NONE":
+        # The reason must be written beside it, and the long-running service checked instead.
+        text = DOCKERFILE.read_text()
+        assert re.search(r"#[^\n]*HEALTHCHECK[^\n]*\n(#[^\n]*\n)+HEALTHCHECK NONE", text)
+        board = yaml.safe_load(COMPOSE.read_text())["services"]["tensorboard"]
+        assert board["healthcheck"]["test"][0] == "CMD"
+
+
+# --------------------------------------------------------------------------- .dockerignore
+def dockerignore_excludes(path: str, patterns: list[str]) -> bool:
+    """Docker's rule: the last pattern matching the path or one of its parents decides."""
+    parts = path.split("/")
+    candidates = ["/".join(parts[: i + 1]) for i in range(len(parts))]
+    excluded = False
+    for pattern in patterns:
+        negate = pattern.startswith("!")
+        body = pattern.lstrip("!").strip("/")
+        regex = ""
+        i = 0
+        while i < len(body):
+            if body.startswith("**/", i):
+                regex, i = regex + "(?:.*/)?", i + 3
+            elif body.startswith("**", i):
+                regex, i = regex + ".*", i + 2
+            elif body[i] == "*":
+                regex, i = regex + "[^/]*", i + 1
+            elif body[i] == "?":
+                regex, i = regex + "[^/]", i + 1
+            elif body[i] == "[":
+                end = body.index("]", i)
+                regex, i = regex + body[i : end + 1], end + 1
+            else:
+                regex, i = regex + re.escape(body[i]), i + 1
+        if any(re.fullmatch(regex, c) for c in candidates):
+            excluded = not negate
+    return excluded
+
+
+def test_dockerignore_keeps_what_the_image_copies_and_nothing_heavy():
+    patterns = [
+        line.strip()
+        for line in DOCKERIGNORE.read_text().splitlines()
+        if line.strip() and not line.strip().startswith("#")
+    ]
+    sources = []
+    for keyword, args in instructions():
+        if keyword == "COPY":
+            sources += args.split()[:-1]
+    assert sources, "no COPY in the Dockerfile"
+    for source in sources:
+        root = ROOT / source
+        assert root.exists(), f"COPY {source}: not in the repository"
+        files = [root] if root.is_file() else [p for p in root.rglob("*") if p.is_file()]
+        for file in files:
+            rel = file.relative_to(ROOT).as_posix()
+            cached = "__pycache__" in rel or rel.endswith(".pyc")
+            assert dockerignore_excludes(rel, patterns) == cached, rel
+    for heavy in [".venv/bin/python", "outputs/run/last.pt", "data/VOC/x.jpg", ".git/HEAD",
+                  "tests/test_launcher.py", "multirun/a/b"]:  # fmt: skip
+        assert dockerignore_excludes(heavy, patterns), heavy
+
+
+def test_dockerignore_matcher_follows_docker_semantics():
+    # The matcher above, on cases whose outcome Docker documents.
+    assert dockerignore_excludes("a/b.py", ["*"])
+    assert not dockerignore_excludes("a/b.py", ["*", "!a"])
+    assert dockerignore_excludes("a/__pycache__/b.pyc", ["*", "!a", "**/__pycache__"])
+    assert dockerignore_excludes("x/y/z.pyc", ["**/*.py[cod]"])
+    assert not dockerignore_excludes("x/y/z.py", ["**/*.py[cod]"])
+
+
+# --------------------------------------------------------------------------- compose.yaml
+def test_compose_check_passes_on_the_shipped_file():
+    result = subprocess.run(
+        [sys.executable, "docker/check_compose.py", "docker/compose.yaml"],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "OK (4 services: train, evaluate, predict, tensorboard)" in result.stdout
+
+
+def test_compose_services_share_one_outputs_folder_whatever_the_host_path():
+    doc = check_compose.interpolate(
+        yaml.safe_load(COMPOSE.read_text()),
+        {"FCNSEG_OUTPUTS": "/srv/runs", "FCNSEG_DATA": "/srv/d"},
+    )
+    for name in ("train", "evaluate", "predict", "tensorboard"):
+        assert any(v.startswith("/srv/runs:/outputs") for v in doc["services"][name]["volumes"])
+    assert "/srv/d:/data:ro" in doc["services"]["train"]["volumes"]
+    assert check_compose.check(COMPOSE, {"FCNSEG_OUTPUTS": "/srv/runs"}) == []
+
+
+@pytest.mark.parametrize(
+    ("text", "env", "expected"),
+    [
+        ("${A:-d}", {}, "d"),
+        ("${A:-d}", {"A": ""}, "d"),
+        ("${A-d}", {"A": ""}, ""),
+        ("${A-d}", {"A": "v"}, "v"),
+        ("${A:+r}", {"A": "v"}, "r"),
+        ("${A:+r}", {"A": ""}, ""),
+        ("$A/${B}", {"A": "x", "B": "y"}, "x/y"),
+        ("$${A}", {"A": "x"}, "${A}"),
+        ("${PORT:-6006}:6006", {}, "6006:6006"),
+    ],
+)
+def test_compose_interpolation(text, env, expected):
+    assert check_compose.interpolate(text, env) == expected
+
+
+def _mutate(doc, how):
+    doc = copy.deepcopy(doc)
+    s = doc["services"]
+    if how == "typo":
+        s["train"]["shm-size"] = "8gb"
+    elif how == "tensorboard-elsewhere":
+        s["tensorboard"]["volumes"] = ["../runs:/outputs:ro"]
+    elif how == "undeclared-volume":
+        s["predict"]["volumes"].append("weights:/weights")
+    elif how == "unused-volume":
+        doc["volumes"]["spare"] = {}
+    elif how == "no-gpus":
+        del s["train"]["deploy"]
+    elif how == "small-shm":
+        del s["train"]["ipc"]
+        s["train"]["shm_size"] = "64m"
+    elif how == "data-writable":
+        s["evaluate"]["volumes"][0] = "../data:/data"
+    elif how == "no-port":
+        del s["tensorboard"]["ports"]
+    elif how == "port-on-host-network":
+        s["train"]["ports"] = ["8080:8080"]
+    elif how == "wrong-command":
+        s["evaluate"]["entrypoint"] = ["python3", check_compose.LAUNCHER, "train"]
+    elif how == "no-context":
+        s["train"]["build"]["context"] = "../missing"
+    elif how == "bad-port":
+        s["tensorboard"]["ports"] = ["127.0.0.1:6006:99999"]
+    elif how == "no-tensorboard":
+        del s["tensorboard"]
+    return doc
+
+
+@pytest.mark.parametrize(
+    ("how", "message"),
+    [
+        ("typo", "services.train.shm-size: unknown service key"),
+        ("tensorboard-elsewhere", "mounts '../runs' at /outputs, but train writes its runs to"),
+        ("undeclared-volume", "named volume 'weights' is not declared"),
+        ("unused-volume", "volumes.spare: is declared but no service mounts it"),
+        ("no-gpus", "services.train.deploy: must reserve all GPUs"),
+        ("small-shm", "needs ipc: host or shm_size of at least 1gb"),
+        ("data-writable", "services.evaluate.volumes: must mount the datasets read-only at /data"),
+        ("no-port", "must publish TensorBoard's port 6006"),
+        ("port-on-host-network", "services.train.ports: is ignored with network_mode: host"),
+        ("wrong-command", "runs the launcher's 'train', not 'evaluate'"),
+        ("no-context", "missing is not a folder"),
+        ("bad-port", "is not [HOST_IP:][HOST_PORT:]CONTAINER_PORT"),
+        ("no-tensorboard", "the 'tensorboard' service is missing"),
+    ],
+)
+def test_compose_check_catches(tmp_path, how, message):
+    doc, path = _copy_beside_a_dockerfile(tmp_path)
+    assert check_compose.check(path, {}) == [], "the unmutated copy must pass"
+
+    path.write_text(yaml.safe_dump(_mutate(doc, how)))
+    problems = check_compose.check(path, {})
+    assert any(message in p for p in problems), problems
+    assert all(p.startswith(f"{path}: ") for p in problems)
+    assert check_compose.main([str(path)]) == 1
+
+
+def test_compose_check_accepts_a_large_shm_size_instead_of_host_ipc(tmp_path):
+    doc, path = _copy_beside_a_dockerfile(tmp_path)
+    del doc["services"]["train"]["ipc"]
+    doc["services"]["train"]["shm_size"] = "8gb"
+    path.write_text(yaml.safe_dump(doc))
+    assert check_compose.check(path, {}) == []
+    assert check_compose.parse_size("8gb") == 8 << 30
+    assert check_compose.parse_size("512m") == 512 << 20
+    assert check_compose.parse_size("lots") is None
+
+
+def _copy_beside_a_dockerfile(tmp_path):
+    """compose.yaml as plain mappings, written where its build context resolves as in the repo."""
+    (tmp_path / "docker").mkdir()
+    (tmp_path / "docker" / "Dockerfile").write_text("FROM scratch\n")
+    doc = yaml.safe_load(COMPOSE.read_text())  # merge keys resolved: plain per-service mappings
+    doc = {k: v for k, v in doc.items() if not k.startswith("x-")}
+    path = tmp_path / "docker" / "compose.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return doc, path

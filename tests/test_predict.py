@@ -1,0 +1,119 @@
+"""scripts/predict.py: a label PNG of the input's exact size and an overlay per image."""
+
+import numpy as np
+import pytest
+import torch
+from conftest import run_script
+from PIL import Image
+from test_evaluate import make_checkpoint
+
+from fcnseg.data import build_transforms
+from fcnseg.data.io import read_image
+from fcnseg.engine.inference import Inference
+from fcnseg.engine.predictor import predict_images
+from fcnseg.errors import UserError
+
+# Odd sizes (width, height), an RGBA PNG, a JPEG and a grey BMP, one in a subfolder.
+INPUTS = {"a.png": ((47, 33), "RGBA"), "sub/b.jpg": ((29, 51), "RGB"), "c.bmp": ((40, 41), "L")}
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("predict")
+    model, config = make_checkpoint(root / "model.pt")
+    rng = np.random.default_rng(0)
+    for name, ((w, h), mode) in INPUTS.items():
+        (root / "in" / name).parent.mkdir(parents=True, exist_ok=True)
+        channels = {"RGBA": 4, "RGB": 3, "L": 1}[mode]
+        pixels = rng.integers(0, 256, (h, w, channels), dtype=np.uint8)
+        Image.fromarray(pixels.squeeze(-1) if channels == 1 else pixels, mode).save(
+            root / "in" / name
+        )
+    return root, model, config
+
+
+def expected_labels(model, config, path):
+    """The prediction computed here: the image as RGB, normalised as in training, argmax."""
+    rgb = read_image(path)
+    x, _ = build_transforms(train=False, normalize=config["dataset"]["normalize"])(
+        rgb, np.zeros(rgb.shape[:2], np.uint8)
+    )
+    with torch.no_grad():
+        return model(x[None]).argmax(1)[0].numpy()
+
+
+def test_predict_script_writes_label_maps_and_overlays(setup):
+    root, model, config = setup
+    proc = run_script(
+        "predict.py",
+        f"checkpoint={root / 'model.pt'}",
+        f"input={root / 'in'}",
+        f"output={root / 'out'}",
+        "trainer.device=cpu",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "3 image(s)" in proc.stdout
+    for name, ((w, h), _) in INPUTS.items():
+        stem = (root / "out" / name).with_suffix("")
+        with Image.open(stem.with_name(stem.name + ".png")) as labels:
+            assert labels.mode == "P" and labels.size == (w, h)
+            np.testing.assert_array_equal(
+                np.asarray(labels), expected_labels(model, config, root / "in" / name)
+            )
+        with Image.open(stem.with_name(stem.name + "_overlay.jpg")) as picture:
+            assert picture.format == "JPEG" and picture.height >= h and picture.width > w  # legend
+
+
+def test_predict_single_file_with_tta(setup, tmp_path):
+    root, model, config = setup
+    inference = Inference(mode="slide", crop_size=32, stride=24, flip=True)
+    written = predict_images(
+        model,
+        root / "in" / "sub" / "b.jpg",
+        tmp_path,
+        class_names=config["dataset"]["class_names"],
+        inference=inference,
+        device="cpu",
+    )
+    assert written == [tmp_path / "b.png"]
+    with Image.open(written[0]) as labels:
+        assert labels.size == (29, 51)
+
+
+def test_predict_refuses_bad_inputs(setup, tmp_path):
+    model, names = setup[1], ["a"] * 5
+    with pytest.raises(UserError, match="does not exist"):
+        predict_images(model, tmp_path / "missing", tmp_path, class_names=names, device="cpu")
+    (tmp_path / "twins").mkdir()
+    for name in ("x.png", "x.jpg"):
+        Image.new("RGB", (8, 8)).save(tmp_path / "twins" / name)
+    with pytest.raises(UserError, match="would both be predicted into"):
+        predict_images(model, tmp_path / "twins", tmp_path / "out", class_names=names, device="cpu")
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "b.png").write_bytes(b"not an image")
+    with pytest.raises(UserError, match="b.png"):
+        predict_images(
+            model, tmp_path / "broken", tmp_path / "out", class_names=names, device="cpu"
+        )
+
+
+def test_outputs_inside_the_input_folder_are_not_inputs(setup, tmp_path):
+    model, names = setup[1], ["a"] * 5
+    Image.new("RGB", (9, 7)).save(tmp_path / "p.png")
+    for _ in range(2):  # the second run must not predict the first run's p.png label map
+        written = predict_images(
+            model, tmp_path, tmp_path / "pred", class_names=names, device="cpu"
+        )
+        assert written == [tmp_path / "pred" / "p.png"]
+
+
+def test_unreadable_checkpoint_is_one_sentence(tmp_path):
+    (tmp_path / "bad.pt").write_bytes(b"garbage")
+    proc = run_script(
+        "predict.py", f"checkpoint={tmp_path / 'bad.pt'}", f"input={tmp_path}", "trainer.device=cpu"
+    )
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(
+        f"predict.py: error: checkpoint {tmp_path / 'bad.pt'}"
+    )
