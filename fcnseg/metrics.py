@@ -30,7 +30,9 @@ class SegMetrics:
     ) -> None:
         self.num_classes = num_classes
         self.ignore_index = ignore_index
-        self.class_names = list(class_names) if class_names else [f"class_{i}" for i in range(num_classes)]
+        self.class_names = (
+            list(class_names) if class_names else [f"class_{i}" for i in range(num_classes)]
+        )
         if len(self.class_names) != num_classes:
             raise ValueError(f"{len(self.class_names)} class names for {num_classes} classes")
         self.confusion: torch.Tensor | None = None
@@ -46,7 +48,9 @@ class SegMetrics:
         if pred.dim() == target.dim() + 1:
             pred = pred.argmax(1)
         if pred.shape != target.shape:
-            raise ValueError(f"prediction {tuple(pred.shape)} and target {tuple(target.shape)} differ")
+            raise ValueError(
+                f"prediction {tuple(pred.shape)} and target {tuple(target.shape)} differ"
+            )
         n = self.num_classes
         target = target.to(pred.device)
         valid = target != self.ignore_index
@@ -54,7 +58,8 @@ class SegMetrics:
         if outside.any():  # the batch's one host read
             bad = target[outside][0].item()
             raise ValueError(
-                f"label value {bad} is neither a class in [0, {n}) nor the ignore index {self.ignore_index}"
+                f"label value {bad} is neither a class in [0, {n}) "
+                f"nor the ignore index {self.ignore_index}"
             )
         # Ignored pixels are counted in an extra bin that is dropped, rather than removed by
         # boolean indexing, whose data-dependent size costs a copy and a device sync.
@@ -66,13 +71,19 @@ class SegMetrics:
     def add_confusion(self, confusion: torch.Tensor, num_images: int) -> None:
         """Adds a confusion matrix computed elsewhere (another process, a saved run)."""
         confusion = confusion.to(torch.int64)
-        self.confusion = confusion if self.confusion is None else self.confusion + confusion.to(self.confusion.device)
+        self.confusion = (
+            confusion
+            if self.confusion is None
+            else self.confusion + confusion.to(self.confusion.device)
+        )
         self.num_images += num_images
 
     def compute(self) -> dict[str, Any]:
         """The metrics as plain Python values (JSON-ready)."""
         n = self.num_classes
-        conf = (self.confusion if self.confusion is not None else torch.zeros(n, n, dtype=torch.int64))
+        conf = (
+            self.confusion if self.confusion is not None else torch.zeros(n, n, dtype=torch.int64)
+        )
         conf = conf.cpu().double()
         tp = conf.diag()
         gt = conf.sum(1)
@@ -105,7 +116,12 @@ def format_table(metrics: dict[str, Any]) -> str:
     for name, iou, acc in zip(metrics["class_names"], metrics["iou"], metrics["acc"]):
         lines.append(f"{name:<{width}} {pct(iou)} {pct(acc)}")
     lines.append("-" * (width + 15))
-    for key, label in (("miou", "mIoU"), ("pixel_acc", "pixel acc"), ("mean_acc", "mean acc"), ("fwiou", "fwIoU")):
+    for key, label in (
+        ("miou", "mIoU"),
+        ("pixel_acc", "pixel acc"),
+        ("mean_acc", "mean acc"),
+        ("fwiou", "fwIoU"),
+    ):
         lines.append(f"{label:<{width}} {pct(metrics[key])}")
     lines.append(f"{'images':<{width}} {metrics['num_images']:>6}")
     return "\n".join(lines)

@@ -9,6 +9,7 @@ import sys
 from typing import Any
 
 import hydra
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -41,7 +42,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="benchmark")
 def main(cfg: DictConfig) -> None:
-    with user_errors("benchmark.py"):
+    with user_errors("benchmark.py", also=(InstantiationException,)):
         report = run(cfg)
         report["command"] = shlex.join(["python", "scripts/benchmark.py", *sys.argv[1:]])
         print(write_report(report, cfg.out))

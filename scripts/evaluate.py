@@ -8,6 +8,7 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -26,7 +27,7 @@ from fcnseg.utils.logging import setup_logging
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="evaluate")
 def main(cfg: DictConfig) -> None:
-    with user_errors("evaluate.py"):
+    with user_errors("evaluate.py", also=(InstantiationException,)):
         setup_logging()
         if cfg.checkpoint is None:
             raise UserError("checkpoint=PATH is required: the checkpoint file to evaluate")

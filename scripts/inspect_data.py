@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 import hydra
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
@@ -19,7 +20,7 @@ from fcnseg.utils.logging import setup_logging
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="inspect_data")
 def main(cfg: DictConfig) -> None:
-    with user_errors("inspect_data.py"):
+    with user_errors("inspect_data.py", also=(InstantiationException,)):
         setup_logging()
         ds = cfg.dataset
         split = cfg.split or ds.val_split

@@ -8,6 +8,7 @@ import sys
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -24,7 +25,7 @@ from fcnseg.utils.distributed import cleanup, launch_command
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="train")
 def main(cfg: DictConfig) -> None:
-    with user_errors("train.py"):
+    with user_errors("train.py", also=(InstantiationException,)):
         seed_everything(cfg.trainer.seed)  # the initial weights follow the run's seed
         ds = cfg.dataset
         make_dataset = instantiate(ds.builder)
@@ -40,13 +41,19 @@ def main(cfg: DictConfig) -> None:
             identity={"root": ds.root, "split": ds.train_split,
                       "builder": OmegaConf.to_container(ds.builder, resolve=True)},
         )  # fmt: skip
-        model = build_model(backbone=instantiate(cfg.backbone), head=instantiate(cfg.head), num_classes=ds.num_classes)
+        model = build_model(
+            backbone=instantiate(cfg.backbone),
+            head=instantiate(cfg.head),
+            num_classes=ds.num_classes,
+        )
         # Staged training starts from the coarser net's layers (a resumed run then overrides them).
         init = init_from_checkpoint(model, cfg.model.init_from) if cfg.model.init_from else None
         trainer = Trainer(
             model=model,
             train_set=train_set,
-            val_set=make_dataset(split=ds.val_split, transform=build_transforms(train=False, **augment)),
+            val_set=make_dataset(
+                split=ds.val_split, transform=build_transforms(train=False, **augment)
+            ),
             optimizer=with_param_groups(instantiate(cfg.optimizer), model, **cfg.param_groups),
             scheduler=instantiate(cfg.scheduler),
             run_dir=HydraConfig.get().runtime.output_dir,

@@ -32,10 +32,14 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 def compose_config(overrides: list[str] | None = None, config_name: str = "train"):
     """The config a script would see with these command-line overrides."""
     with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
-        return compose(config_name=config_name, overrides=overrides or [], return_hydra_config=False)
+        return compose(
+            config_name=config_name, overrides=overrides or [], return_hydra_config=False
+        )
 
 
-def run_script(script: str, *args: str, cwd: Path | None = None, timeout: float = 300, env: dict | None = None):
+def run_script(
+    script: str, *args: str, cwd: Path | None = None, timeout: float = 300, env: dict | None = None
+):
     """Runs ``scripts/<script>`` in a fresh interpreter; returns the CompletedProcess."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "HYDRA_FULL_ERROR": "0", **(env or {})}
     return subprocess.run(

@@ -3,9 +3,8 @@
 from pathlib import Path
 
 import pytest
-from hydra.utils import instantiate
-
 from conftest import CONFIGS, compose_config
+from hydra.utils import instantiate
 
 GROUPS = ["backbone", "head", "dataset", "optimizer", "scheduler", "trainer"]
 

@@ -19,7 +19,8 @@ def test_confusion_and_metrics_by_hand():
     assert r["confusion_matrix"] == [[2, 1, 0], [0, 2, 0], [1, 0, 1]]
     assert r["num_pixels"] == 7 and r["num_images"] == 1
     assert r["pixel_acc"] == pytest.approx(5 / 7)
-    # IoU: class 0: 2 / (3 + 3 - 2) = 1/2; class 1: 2 / (2 + 3 - 2) = 2/3; class 2: 1 / (2 + 1 - 1) = 1/2
+    # IoU: class 0: 2 / (3 + 3 - 2) = 1/2; class 1: 2 / (2 + 3 - 2) = 2/3;
+    # class 2: 1 / (2 + 1 - 1) = 1/2
     assert r["iou"] == pytest.approx([1 / 2, 2 / 3, 1 / 2])
     assert r["miou"] == pytest.approx((1 / 2 + 2 / 3 + 1 / 2) / 3)
     assert r["mean_acc"] == pytest.approx((2 / 3 + 1 + 1 / 2) / 3)

@@ -4,10 +4,10 @@ import json
 
 import pytest
 import torch
+from conftest import TINY_RUN, run_script
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import fcnseg
-from conftest import TINY_RUN, run_script
 from fcnseg.data import SyntheticShapes, build_transforms
 from fcnseg.errors import UserError
 
@@ -99,6 +99,13 @@ def test_bad_trainer_value_is_named(tmp_path):
     proc = run_script("train.py", *TINY_RUN, "trainer.amp=fp8", f"hydra.run.dir={tmp_path}")
     assert proc.returncode == 2
     assert "trainer.amp='fp8'" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_bad_factory_argument_is_one_line_naming_it(tmp_path):
+    proc = run_script("train.py", *TINY_RUN, "+backbone.widht=3", f"hydra.run.dir={tmp_path}")
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "widht" in lines[0] and "backbone" in lines[0]
 
 
 def test_missing_resume_checkpoint_is_named(tmp_path):

@@ -67,6 +67,9 @@ class SegmentationDataset(Dataset):
     def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Sample ``key``, or ``(index, seed)`` to draw its random augmentation from ``seed``."""
         index, seed = key if isinstance(key, tuple) else (key, None)
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"sample {index} is out of range for {len(self)} samples")
+        index %= len(self)
         image, mask = self.load_readable(index)
         if self.transform is not None:
             if seed is not None:

@@ -82,7 +82,9 @@ def _noise_background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
     return np.clip(image, 0, 255).astype(np.uint8)
 
 
-def _shape(kind: int, rng: np.random.Generator, dy: np.ndarray, dx: np.ndarray, r: float) -> np.ndarray:
+def _shape(
+    kind: int, rng: np.random.Generator, dy: np.ndarray, dx: np.ndarray, r: float
+) -> np.ndarray:
     """Pixels inside a disc (0), a rotated square (1) or a rotated triangle (2)."""
     if kind == 0:
         return dy**2 + dx**2 <= r**2

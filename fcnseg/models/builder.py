@@ -49,6 +49,7 @@ def build_model_from_config(config: Mapping[str, Any]) -> SegmentationModel:
     Only names inside ``fcnseg.models`` are resolved, so a checkpoint's config cannot make
     this import or call anything else.
     """
+
     def split(node: Mapping[str, Any], kind: str) -> tuple[str, dict[str, Any]]:
         target = str(node.get("_target_", ""))
         prefix = f"fcnseg.models.{kind}s."

@@ -26,13 +26,17 @@ class FeatureInfo:
 def coord_step(stride: float, origin: float, layer: nn.Module) -> tuple[float, float]:
     """Composes the coordinate map (stride, origin) with one more conv or pooling layer."""
     if isinstance(layer, nn.Conv2d | nn.MaxPool2d | nn.AvgPool2d):
-        k, s, p, d = (_pair(getattr(layer, a, 1))[0] for a in ("kernel_size", "stride", "padding", "dilation"))
+        k, s, p, d = (
+            _pair(getattr(layer, a, 1))[0] for a in ("kernel_size", "stride", "padding", "dilation")
+        )
         extent = d * (k - 1) + 1
         return stride * s, origin + stride * ((extent - 1) / 2 - p)
     return stride, origin
 
 
-def coord_map(layers: Iterable[nn.Module], stride: float = 1.0, origin: float = 0.0) -> tuple[float, float]:
+def coord_map(
+    layers: Iterable[nn.Module], stride: float = 1.0, origin: float = 0.0
+) -> tuple[float, float]:
     """The (stride, origin) of the output of ``layers`` applied in order."""
     for layer in layers:
         stride, origin = coord_step(stride, origin, layer)
@@ -79,7 +83,7 @@ def align(x: torch.Tensor, offset: tuple[int, int], size: tuple[int, int]) -> to
     geometry works; for the FCN alignment it is always a pure crop, returned as a view.
     """
     (oy, ox), (h, w) = offset, size
-    if 0 <= oy and 0 <= ox and oy + h <= x.shape[-2] and ox + w <= x.shape[-1]:
+    if oy >= 0 and ox >= 0 and oy + h <= x.shape[-2] and ox + w <= x.shape[-1]:
         return x[..., oy : oy + h, ox : ox + w]
     return F.pad(x, (-ox, ox + w - x.shape[-1], -oy, oy + h - x.shape[-2]))
 

@@ -10,10 +10,33 @@ from fcnseg.errors import UserError
 
 
 @contextlib.contextmanager
-def user_errors(program: str = "fcnseg") -> Iterator[None]:
-    """Prints ``UserError`` as ``program: error: message`` and exits with status 2."""
+def user_errors(
+    program: str = "fcnseg", *, also: tuple[type[BaseException], ...] = ()
+) -> Iterator[None]:
+    """Prints a user error as ``program: error: message`` on one line and exits with status 2.
+
+    A user error is a ``UserError``, one of the ``also`` types (e.g. a config system's error
+    for a key that names a bad argument), or any exception caused by either: a ``UserError``
+    raised inside a factory that a config system called comes out wrapped in the caller's error.
+    """
     try:
         yield
-    except UserError as err:
-        print(f"{program}: error: {err}", file=sys.stderr, flush=True)
+    except Exception as err:
+        culprit = _find_cause(err, UserError) or _find_cause(err, also)
+        if culprit is None:
+            raise
+        message = " ".join(str(culprit).split())  # one line, whatever the wrapper made of it
+        print(f"{program}: error: {message}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
+
+
+def _find_cause(
+    err: BaseException | None, types: type[BaseException] | tuple[type[BaseException], ...]
+) -> BaseException | None:
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if types and isinstance(err, types):
+            return err
+        seen.add(id(err))
+        err = err.__cause__
+    return None

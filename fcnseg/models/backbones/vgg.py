@@ -108,12 +108,11 @@ class VGG(nn.Module):
         1000-way ``classifier.6`` is dropped: the segmentation head scores its own classes.
         """
         ours = [m for m in self.features if isinstance(m, nn.Conv2d | nn.BatchNorm2d)]
-        theirs = sorted(
-            {int(k.split(".")[1]) for k in state_dict if k.startswith("features.")}
-        )
+        theirs = sorted({int(k.split(".")[1]) for k in state_dict if k.startswith("features.")})
         if len(ours) != len(theirs):
             raise ValueError(
-                f"the weights have {len(theirs)} convolution/BN layers where this VGG has {len(ours)}"
+                f"the weights have {len(theirs)} convolution/BN layers "
+                f"where this VGG has {len(ours)}"
             )
         mapped = {}
         for module, idx in zip(ours, theirs):
@@ -152,21 +151,31 @@ def _build(
 
 def vgg16(*, pretrained: bool = False, weights: str | Path | None = None, **kwargs) -> VGG:
     """VGG-16 (Simonyan & Zisserman), the FCN paper's backbone."""
-    return _build("vgg16", VGG16_STAGES, batch_norm=False, pretrained=pretrained, weights=weights, **kwargs)
+    return _build(
+        "vgg16", VGG16_STAGES, batch_norm=False, pretrained=pretrained, weights=weights, **kwargs
+    )
 
 
 def vgg16_bn(*, pretrained: bool = False, weights: str | Path | None = None, **kwargs) -> VGG:
     """VGG-16 with BatchNorm after every convolution."""
-    return _build("vgg16_bn", VGG16_STAGES, batch_norm=True, pretrained=pretrained, weights=weights, **kwargs)
+    return _build(
+        "vgg16_bn", VGG16_STAGES, batch_norm=True, pretrained=pretrained, weights=weights, **kwargs
+    )
 
 
 def vgg19(*, pretrained: bool = False, weights: str | Path | None = None, **kwargs) -> VGG:
     """VGG-19."""
-    return _build("vgg19", VGG19_STAGES, batch_norm=False, pretrained=pretrained, weights=weights, **kwargs)
+    return _build(
+        "vgg19", VGG19_STAGES, batch_norm=False, pretrained=pretrained, weights=weights, **kwargs
+    )
 
 
 def vgg_tiny(
-    *, pretrained: bool = False, weights: str | Path | None = None, batch_norm: bool = True, **kwargs
+    *,
+    pretrained: bool = False,
+    weights: str | Path | None = None,
+    batch_norm: bool = True,
+    **kwargs,
 ) -> VGG:
     """VGG-16's topology at 1/8 of its widths (8 ... 64 channels, fc6/fc7 of 512).
 
@@ -177,4 +186,6 @@ def vgg_tiny(
         raise ValueError("vgg_tiny has no pretrained weights; use backbone.pretrained=false")
     stages = tuple(tuple(c // 8 for c in stage) for stage in VGG16_STAGES)
     kwargs.setdefault("fc_channels", 512)
-    return _build("vgg_tiny", stages, batch_norm=batch_norm, pretrained=False, weights=weights, **kwargs)
+    return _build(
+        "vgg_tiny", stages, batch_norm=batch_norm, pretrained=False, weights=weights, **kwargs
+    )

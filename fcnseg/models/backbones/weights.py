@@ -32,5 +32,7 @@ def load_local_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
-        raise UserError(f"backbone.weights={path} is not a readable PyTorch state dict ({err})") from err
+        raise UserError(
+            f"backbone.weights={path} is not a readable PyTorch state dict ({err})"
+        ) from err
     return state.get("state_dict", state) if isinstance(state, dict) else state
