@@ -64,6 +64,7 @@ def main(cfg: DictConfig) -> None:
             tensorboard_prefix=split,
             step=int(ckpt.get("iteration", 0)),
             num_vis=e.num_vis,
+            grid=e.grid,
             colors=ds.get("palette"),
         )
         if get_info().is_main:

@@ -180,29 +180,10 @@ class TinyVGG(nn.Module):
         return self.classifier(torch.flatten(self.avgpool(self.features(x)), 1))
 
 
-def test_vgg_conversion_equals_the_classifier_at_its_input_size():
-    torch.manual_seed(0)
-    classifier = TinyVGG().eval()
-    dense = bench.convert_vgg_classifier(classifier).eval()
-    x = torch.randn(2, 3, 224, 224)
-    with torch.no_grad():
-        expected, scores = classifier(x), dense(x)
-    assert scores.shape == (2, 7, 1, 1)
-    torch.testing.assert_close(scores[:, :, 0, 0], expected, rtol=1e-4, atol=1e-5)
-    # On a larger image, cell (i, j) is the classifier's head on pool5 window (i, j).
-    big = torch.randn(1, 3, 288, 288)
-    with torch.no_grad():
-        pool5 = classifier.features(big)  # 9x9
-        window = pool5[..., 1:8, 2:9]
-        head = classifier.classifier(torch.flatten(window, 1))
-        torch.testing.assert_close(dense(big)[:, :, 1, 2], head, rtol=1e-4, atol=1e-5)
-
-
 def test_convert_mode_times_one_pass_against_every_crop():
     report = bench.bench_convert(
-        classifier=TinyVGG, convert=bench.convert_vgg_classifier, size=288, crop=224, stride=32,
-        device="cpu", warmup=0, iters=1,
-    )  # fmt: skip
+        classifier=TinyVGG, size=288, crop=224, stride=32, device="cpu", warmup=0, iters=1
+    )
     _check_report(report, "convert", rows=3)
     summary = report["summary"]
     assert summary["windows"] == 9 and summary["score_map"] == [3, 3]  # (288 - 224) / 32 + 1
@@ -213,7 +194,7 @@ def test_convert_mode_times_one_pass_against_every_crop():
     ]
     flops = [r["flops_per_iter"] for r in report["results"]]
     assert flops[1] == flops[2] > flops[0]  # the same crops either way; one pass shares the work
-    assert report["settings"]["conversion"] == "convert_vgg_classifier"
+    assert report["settings"]["conversion"] == "fcnseg.convert.fully_convolutional"
 
 
 @pytest.mark.slow

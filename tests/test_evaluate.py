@@ -86,6 +86,7 @@ def evaluated(trained, tmp_path_factory):
         f"eval.save_predictions={out / 'pred'}",
         f"eval.tensorboard={out / 'tb'}",
         "eval.num_vis=2",
+        f"eval.grid={out / 'grid.png'}",
         cwd=out,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -107,7 +108,7 @@ def test_metrics_are_exact_and_match_the_trainers_schema(trained, evaluated):
     for label in ("mIoU", "pixel acc", "mean acc", "fwIoU", *config["dataset"]["class_names"]):
         assert label in proc.stdout
     assert f"{100 * m['miou']:6.2f}" in proc.stdout
-    assert sorted(p.name for p in out.iterdir()) == ["metrics.json", "pred", "tb"]
+    assert sorted(p.name for p in out.iterdir()) == ["grid.png", "metrics.json", "pred", "tb"]
 
 
 def test_predictions_are_label_pngs_of_each_image(trained, evaluated):
@@ -118,6 +119,35 @@ def test_predictions_are_label_pngs_of_each_image(trained, evaluated):
         with Image.open(file) as image:
             assert image.mode == "P" and image.size == (pred.shape[1], pred.shape[0])
             np.testing.assert_array_equal(np.asarray(image), pred)
+
+
+def voc_colour(c: int) -> tuple[int, int, int]:
+    """The PASCAL VOC colour of class ``c`` (the devkit's bit-interleaving rule)."""
+    rgb = [0, 0, 0]
+    for shift in range(7, -1, -1):
+        for ch in range(3):
+            rgb[ch] |= ((c >> ch) & 1) << shift
+        c >>= 3
+    return tuple(rgb)
+
+
+def test_grid_shows_image_truth_and_prediction(trained, evaluated):
+    config, preds = trained[1], trained[3]
+    with Image.open(evaluated[0] / "grid.png") as file:
+        grid = np.asarray(file.convert("RGB")).astype(int)
+    builder = {k: v for k, v in config["dataset"]["builder"].items() if not k.startswith("_")}
+    raw = SyntheticShapes(split="val", **builder)
+    top = 0
+    for i in range(2):  # eval.num_vis=2: the first two images, one row each
+        image, mask = raw.load(i)
+        h, w = mask.shape
+        row = grid[top : top + h]
+        assert np.abs(row[:, :w] - image).max() <= 1  # denormalised back to the file's pixels
+        for panel, labels in ((1, mask), (2, preds[i])):
+            colours = np.array([voc_colour(c) for c in range(5)])[labels]
+            np.testing.assert_array_equal(row[:, panel * w : (panel + 1) * w], colours)
+        top += h
+    assert grid.shape[0] == top
 
 
 def test_tensorboard_has_the_evaluation(evaluated):

@@ -8,7 +8,10 @@ from fcnseg.data.synthetic import CLASS_NAMES
 
 
 def test_samples_are_a_pure_function_of_seed_split_and_index():
-    a, b = SyntheticShapes(split="train", num_samples=5), SyntheticShapes(split="train", num_samples=5)
+    a, b = (
+        SyntheticShapes(split="train", num_samples=5),
+        SyntheticShapes(split="train", num_samples=5),
+    )
     for i in range(5):
         (ia, ma), (ib, mb) = a.load(i), b.load(i)
         assert np.array_equal(ia, ib) and np.array_equal(ma, mb)

@@ -49,7 +49,6 @@ from fcnseg.data.loader import train_loader
 from fcnseg.data.transforms import build_transforms
 from fcnseg.errors import UserError
 from fcnseg.metrics import SegMetrics
-from fcnseg.models.layers import FullyConnectedConv2d
 
 MODES = ("train", "infer", "data", "metrics", "convert", "slide")
 VOC_SIZE = (500, 375)  # width, height of the typical PASCAL VOC image
@@ -480,42 +479,6 @@ def bench_slide(
 
 
 # ---------------------------------------------------------------------------- conversion
-def convert_vgg_classifier(classifier: nn.Module) -> nn.Module:
-    """A torchvision-style VGG (``features``, ``avgpool``, three Linear layers in
-    ``classifier``) as a fully convolutional net: the first Linear becomes a conv whose 7x7
-    kernel spans the pool5 map it read, the two others 1x1 convs, with the same weights."""
-    fc = [m for m in getattr(classifier, "classifier", ()) if isinstance(m, nn.Linear)]
-    if not hasattr(classifier, "features") or len(fc) != 3 or fc[0].in_features % 49:
-        raise UserError("bench.classifier must be a torchvision VGG (vgg11 ... vgg19_bn)")
-    convs = [
-        FullyConnectedConv2d(fc[0].in_features // 49, fc[0].out_features, 7),
-        nn.Conv2d(fc[1].in_features, fc[1].out_features, 1),
-        nn.Conv2d(fc[2].in_features, fc[2].out_features, 1),
-    ]
-    with torch.no_grad():
-        for conv, linear in zip(convs, fc):
-            conv.weight.copy_(linear.weight.view_as(conv.weight))
-            conv.bias.copy_(linear.bias)
-    # The adaptive pooling is dropped: on inputs above 224 it would squash the map to 7x7.
-    return nn.Sequential(
-        classifier.features,
-        convs[0], nn.ReLU(inplace=True), nn.Dropout(),
-        convs[1], nn.ReLU(inplace=True), nn.Dropout(),
-        convs[2],
-    )  # fmt: skip
-
-
-def fully_convolutional_classifier(classifier: nn.Module) -> tuple[nn.Module, str]:
-    """The classifier as a fully convolutional net, and the function that converted it:
-    ``fcnseg.convert.fully_convolutional`` when the installed fcnseg has it, else
-    ``convert_vgg_classifier``."""
-    try:
-        from fcnseg.convert import fully_convolutional
-    except ImportError:
-        return convert_vgg_classifier(classifier), "fcnseg.engine.benchmark.convert_vgg_classifier"
-    return fully_convolutional(classifier), "fcnseg.convert.fully_convolutional"
-
-
 def bench_convert(
     *,
     classifier: str | Callable[[], nn.Module] = "vgg16",
@@ -525,17 +488,17 @@ def bench_convert(
     device: str = "auto",
     warmup: int,
     iters: int,
-    convert: Callable[[nn.Module], nn.Module] | None = None,
 ) -> dict[str, Any]:
     """Dense scoring of a ``size`` image by the converted classifier in one pass, against the
     original classifier run on every ``crop`` window at ``stride`` (384 -> 6x6 = 36 windows for
     VGG16), the windows batched or one at a time. Random weights: the cost is the same.
 
     ``classifier`` names a ``torchvision.models`` builder, or is a callable returning a model;
-    ``convert`` makes it fully convolutional (default: ``fully_convolutional_classifier``).
+    ``fcnseg.convert.fully_convolutional`` converts it.
     """
     import torchvision
 
+    from fcnseg.convert import fully_convolutional
     from fcnseg.utils.distributed import resolve_device
 
     dev = resolve_device(device)
@@ -548,11 +511,7 @@ def bench_convert(
     make = build if callable(classifier) else partial(build, weights=None)
     original = make().eval()
     # A copy, so that a conversion that reuses or changes modules leaves the original alone.
-    if convert is None:
-        dense, source = fully_convolutional_classifier(copy.deepcopy(original))
-    else:
-        dense, source = convert(copy.deepcopy(original)), getattr(convert, "__name__", "given")
-    dense.eval()
+    dense = fully_convolutional(copy.deepcopy(original)).eval()
     original, dense = original.to(dev), dense.to(dev)
     image = torch.randn(1, 3, size, size, device=dev)
     starts = range(0, size - crop + 1, stride)
@@ -593,7 +552,7 @@ def bench_convert(
         results,
         summary,
         classifier=name,
-        conversion=source,
+        conversion="fcnseg.convert.fully_convolutional",
         size=size,
         crop=crop,
         stride=stride,

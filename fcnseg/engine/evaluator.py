@@ -139,6 +139,7 @@ def run_evaluation(
     tensorboard_prefix: str = "val",
     step: int = 0,
     num_vis: int = 4,
+    grid: str | Path | None = None,
     colors: Any = None,
 ) -> dict[str, Any]:
     """Evaluates ``model`` on all of ``dataset``, one image at a time at full resolution.
@@ -160,7 +161,9 @@ def run_evaluation(
         tensorboard_dir: write scalars, table, image grid and figures here.
         tensorboard_prefix: their tag prefix.
         step: their global step (the checkpoint's iteration).
-        num_vis: images in the TensorBoard grid.
+        num_vis: images in the TensorBoard grid and in ``grid``.
+        grid: save the input | ground truth | prediction rows of the first ``num_vis`` images
+            to this PNG file.
         colors: class colours for pictures (the VOC map by default).
 
     Returns:
@@ -196,16 +199,26 @@ def run_evaluation(
     )
     scorer = SegMetrics(len(class_names), ignore_index, class_names)
     write_tb = tensorboard_dir is not None and dist.is_main
+    write_grid = grid is not None and dist.is_main
     metrics, samples = evaluate(
         model,
         loader,
         scorer,
         device=dev,
         autocast=autocast,
-        keep=num_vis if write_tb else 0,
+        keep=num_vis if write_tb or write_grid else 0,
         inference=inference,
         on_prediction=on_prediction,
     )
+    if write_grid and samples:
+        from PIL import Image
+
+        from fcnseg.utils.visualize import sample_rows
+
+        Path(grid).parent.mkdir(parents=True, exist_ok=True)
+        rows = sample_rows(samples, normalize, colors=colors)
+        Image.fromarray(rows.permute(1, 2, 0).numpy()).save(grid)
+        get_logger().info("prediction grid written to %s", grid)
     if write_tb:
         from torch.utils.tensorboard import SummaryWriter
 
