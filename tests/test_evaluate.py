@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import ROOT, SCRIPTS, compose_config, run_script
+from fixtures import voc_palette
 from omegaconf import OmegaConf
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -121,22 +122,13 @@ def test_predictions_are_label_pngs_of_each_image(trained, evaluated):
             np.testing.assert_array_equal(np.asarray(image), pred)
 
 
-def voc_colour(c: int) -> tuple[int, int, int]:
-    """The PASCAL VOC colour of class ``c`` (the devkit's bit-interleaving rule)."""
-    rgb = [0, 0, 0]
-    for shift in range(7, -1, -1):
-        for ch in range(3):
-            rgb[ch] |= ((c >> ch) & 1) << shift
-        c >>= 3
-    return tuple(rgb)
-
-
 def test_grid_shows_image_truth_and_prediction(trained, evaluated):
     config, preds = trained[1], trained[3]
     with Image.open(evaluated[0] / "grid.png") as file:
         grid = np.asarray(file.convert("RGB")).astype(int)
     builder = {k: v for k, v in config["dataset"]["builder"].items() if not k.startswith("_")}
     raw = SyntheticShapes(split="val", **builder)
+    colours = np.array(voc_palette()).reshape(256, 3)  # the devkit's rule, written independently
     top = 0
     for i in range(2):  # eval.num_vis=2: the first two images, one row each
         image, mask = raw.load(i)
@@ -144,8 +136,7 @@ def test_grid_shows_image_truth_and_prediction(trained, evaluated):
         row = grid[top : top + h]
         assert np.abs(row[:, :w] - image).max() <= 1  # denormalised back to the file's pixels
         for panel, labels in ((1, mask), (2, preds[i])):
-            colours = np.array([voc_colour(c) for c in range(5)])[labels]
-            np.testing.assert_array_equal(row[:, panel * w : (panel + 1) * w], colours)
+            np.testing.assert_array_equal(row[:, panel * w : (panel + 1) * w], colours[labels])
         top += h
     assert grid.shape[0] == top
 

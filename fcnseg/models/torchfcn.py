@@ -33,8 +33,8 @@ ARCHS = {"FCN32s": "fcn32s", "FCN16s": "fcn16s", "FCN8s": "fcn8s", "FCN8sAtOnce"
 VGG16_LAYERS = tuple(
     f"conv{stage}_{i}" for stage, n in enumerate((2, 2, 3, 3, 3), start=1) for i in range(1, n + 1)
 ) + ("fc6", "fc7")
-# Backbones built by fcnseg.models.backbones.vgg.VGG, whose geometry the port's nets fix.
-FCN_VGGS = ("vgg16", "vgg16_bn", "vgg19", "vgg_tiny")
+# The port's nets are the reference ones: conv1_1 padded by 100, a valid 7x7 fc6.
+REFERENCE_GEOMETRY = {"first_padding": 100, "fc6_padding": 0}
 _KEY = re.compile(r"^([a-z0-9_]+)\.(weight|bias)$")
 
 
@@ -145,9 +145,9 @@ def import_checkpoint(path: str | Path, *, config: dict[str, Any]) -> dict[str, 
             f"choose the dataset the weights were trained on"
         )
     config = {**config, "dataset": {**config["dataset"], "normalize": "caffe"}}
-    # The port's nets have the reference geometry (conv1_1 padded by 100, a valid fc6); a
-    # backbone config made for small images (vgg_tiny's) would run the same weights misaligned.
-    geometry = {"first_padding": 100, "fc6_padding": 0} if backbone in FCN_VGGS else {}
+    # A backbone config that changes the geometry (vgg_tiny's, made for small images) would run
+    # the same weights misaligned; unset keys already default to the reference values.
+    geometry = {k: v for k, v in REFERENCE_GEOMETRY.items() if k in config["backbone"]}
     config["backbone"] = {**config["backbone"], "pretrained": False, "weights": None, **geometry}
     model = build_model_from_config(config)
     try:
