@@ -13,7 +13,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from fcnseg.data import build_transforms
-from fcnseg.engine.checkpoint import load_checkpoint
+from fcnseg.utils.checkpoint import load_checkpoint
 from fcnseg.engine.evaluator import evaluation_dataset, run_evaluation
 from fcnseg.engine.inference import Inference
 from fcnseg.errors import UserError

@@ -7,7 +7,7 @@ Writes ``NAME.png`` (palette label map, the input's width and height) and ``NAME
 import hydra
 from omegaconf import DictConfig
 
-from fcnseg.engine.checkpoint import load_checkpoint
+from fcnseg.utils.checkpoint import load_checkpoint
 from fcnseg.engine.inference import Inference
 from fcnseg.engine.predictor import predict_images
 from fcnseg.errors import UserError

@@ -194,7 +194,7 @@ def test_convert_mode_times_one_pass_against_every_crop():
     ]
     flops = [r["flops_per_iter"] for r in report["results"]]
     assert flops[1] == flops[2] > flops[0]  # the same crops either way; one pass shares the work
-    assert report["settings"]["conversion"] == "fcnseg.convert.fully_convolutional"
+    assert report["settings"]["conversion"] == "fcnseg.models.convert.fully_convolutional"
 
 
 @pytest.mark.slow

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from fcnseg.engine.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from fcnseg.utils.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from fcnseg.errors import UserError
 
 

@@ -1,11 +1,11 @@
-"""fcnseg.convert: classifiers made fully convolutional compute what the classifiers compute."""
+"""fcnseg.models.convert: classifiers made fully convolutional compute what the classifiers compute."""
 
 import pytest
 import torch
 import torchvision
 from torch import nn
 
-from fcnseg.convert import FullyConvolutionalNet, fully_convolutional, linear_weight_as_conv
+from fcnseg.models.convert import FullyConvolutionalNet, fully_convolutional, linear_weight_as_conv
 from fcnseg.errors import UserError
 
 

@@ -17,7 +17,7 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from fcnseg.data import SyntheticShapes, build_transforms, eval_loader
-from fcnseg.engine.checkpoint import save_checkpoint
+from fcnseg.utils.checkpoint import save_checkpoint
 from fcnseg.engine.evaluator import evaluate
 from fcnseg.metrics import SegMetrics
 from fcnseg.models.builder import build_model_from_config

@@ -392,7 +392,7 @@ def test_staged_init_copies_every_shared_layer_and_keeps_the_coarser_output():
 
 
 def test_staged_init_from_checkpoints(tmp_path):
-    from fcnseg.engine.checkpoint import save_checkpoint
+    from fcnseg.utils.checkpoint import save_checkpoint
 
     source = build_model(backbone="vgg_tiny", head="fcn32s", num_classes=5)
     path = tmp_path / "fcn32s.pt"

@@ -13,7 +13,7 @@ from conftest import run_script
 from torch import nn
 
 import fcnseg
-from fcnseg.engine.checkpoint import save_checkpoint
+from fcnseg.utils.checkpoint import save_checkpoint
 from fcnseg.errors import UserError
 from fcnseg.models import torchfcn
 

@@ -19,7 +19,7 @@ import pytest
 import torch
 from conftest import ROOT, TINY_RUN
 
-from fcnseg.engine.checkpoint import load_checkpoint
+from fcnseg.utils.checkpoint import load_checkpoint
 from fcnseg.errors import UserError
 
 LAUNCHER = ROOT / "docker" / "launch.py"

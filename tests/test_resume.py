@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import Dataset
 
 from fcnseg.data import SyntheticShapes, build_transforms
-from fcnseg.engine.checkpoint import load_checkpoint, save_checkpoint
+from fcnseg.utils.checkpoint import load_checkpoint, save_checkpoint
 from fcnseg.engine.trainer import Trainer, TrainingInterrupted, seed_everything
 from fcnseg.errors import UserError
 from fcnseg.models import build_model

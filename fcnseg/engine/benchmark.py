@@ -494,11 +494,11 @@ def bench_convert(
     VGG16), the windows batched or one at a time. Random weights: the cost is the same.
 
     ``classifier`` names a ``torchvision.models`` builder, or is a callable returning a model;
-    ``fcnseg.convert.fully_convolutional`` converts it.
+    ``fcnseg.models.convert.fully_convolutional`` converts it.
     """
     import torchvision
 
-    from fcnseg.convert import fully_convolutional
+    from fcnseg.models.convert import fully_convolutional
     from fcnseg.utils.distributed import resolve_device
 
     dev = resolve_device(device)
@@ -552,7 +552,7 @@ def bench_convert(
         results,
         summary,
         classifier=name,
-        conversion="fcnseg.convert.fully_convolutional",
+        conversion="fcnseg.models.convert.fully_convolutional",
         size=size,
         crop=crop,
         stride=stride,

@@ -40,7 +40,7 @@ from torch.utils.data import DataLoader, Dataset
 from torch.utils.tensorboard import SummaryWriter
 
 from fcnseg.data.loader import eval_loader, train_loader
-from fcnseg.engine.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from fcnseg.utils.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from fcnseg.engine.evaluator import evaluate
 from fcnseg.errors import UserError
 from fcnseg.metrics import SegMetrics

@@ -76,7 +76,7 @@ def build_model_from_config(config: Mapping[str, Any]) -> SegmentationModel:
 
 def load_model(checkpoint_path: str | Path, map_location: str = "cpu") -> SegmentationModel:
     """Rebuilds a trained model from a checkpoint file alone, in eval mode."""
-    from fcnseg.engine.checkpoint import load_checkpoint
+    from fcnseg.utils.checkpoint import load_checkpoint
 
     ckpt = load_checkpoint(checkpoint_path, map_location=map_location)
     model = build_model_from_config(ckpt["config"])

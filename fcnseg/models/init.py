@@ -92,7 +92,7 @@ def init_from_checkpoint(
     model: nn.Module, path: str | Path, *, map_location: str | torch.device = "cpu"
 ) -> InitReport:
     """``copy_shared`` from the weights of an fcnseg checkpoint (``model.init_from=PATH``)."""
-    from fcnseg.engine.checkpoint import load_checkpoint
+    from fcnseg.utils.checkpoint import load_checkpoint
 
     path = Path(path)
     if not path.is_file():
