@@ -13,12 +13,12 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from fcnseg.data import build_transforms
-from fcnseg.utils.checkpoint import load_checkpoint
 from fcnseg.engine.evaluator import evaluation_dataset, run_evaluation
 from fcnseg.engine.inference import Inference
 from fcnseg.errors import UserError
 from fcnseg.metrics import format_table
 from fcnseg.models.builder import build_model_from_config
+from fcnseg.utils.checkpoint import load_checkpoint
 from fcnseg.utils.cli import user_errors
 from fcnseg.utils.distributed import cleanup, get_info
 from fcnseg.utils.export import PredictionWriter

@@ -8,9 +8,9 @@ The checkpoint it writes is read by ``fcnseg.load_model``, ``scripts/evaluate.py
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from fcnseg.utils.checkpoint import save_checkpoint
 from fcnseg.errors import UserError
 from fcnseg.models import torchfcn
+from fcnseg.utils.checkpoint import save_checkpoint
 from fcnseg.utils.cli import user_errors
 
 FORMATS = {"torchfcn": torchfcn.import_checkpoint}

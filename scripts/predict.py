@@ -7,11 +7,11 @@ Writes ``NAME.png`` (palette label map, the input's width and height) and ``NAME
 import hydra
 from omegaconf import DictConfig
 
-from fcnseg.utils.checkpoint import load_checkpoint
 from fcnseg.engine.inference import Inference
 from fcnseg.engine.predictor import predict_images
 from fcnseg.errors import UserError
 from fcnseg.models.builder import build_model_from_config
+from fcnseg.utils.checkpoint import load_checkpoint
 from fcnseg.utils.cli import user_errors
 
 

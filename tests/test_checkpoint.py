@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from fcnseg.utils.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from fcnseg.errors import UserError
+from fcnseg.utils.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 
 
 def test_round_trip_keeps_values_and_gives_the_usual_file_mode(tmp_path):

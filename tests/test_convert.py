@@ -1,12 +1,12 @@
-"""fcnseg.models.convert: classifiers made fully convolutional compute what the classifiers compute."""
+"""fcnseg.models.convert: fully convolutional classifiers compute what the classifiers compute."""
 
 import pytest
 import torch
 import torchvision
 from torch import nn
 
-from fcnseg.models.convert import FullyConvolutionalNet, fully_convolutional, linear_weight_as_conv
 from fcnseg.errors import UserError
+from fcnseg.models.convert import FullyConvolutionalNet, fully_convolutional, linear_weight_as_conv
 
 
 def _classifier(arch: str) -> nn.Module:

@@ -19,9 +19,9 @@ from conftest import SCRIPTS
 from test_preemption import ENV, SCRIPT_RUN, resume_command
 from test_resume import NUM_CLASSES, one_thread, tiny_model, tiny_trainer  # noqa: F401 - fixture
 
-from fcnseg.utils.checkpoint import load_checkpoint
 from fcnseg.engine.trainer import NonFiniteLossError
 from fcnseg.errors import UserError
+from fcnseg.utils.checkpoint import load_checkpoint
 from fcnseg.utils.distributed import cleanup, launch_command
 
 # Batch-independent layers (no BatchNorm, no dropout) so that a gradient over a batch split

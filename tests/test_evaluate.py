@@ -17,10 +17,10 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from fcnseg.data import SyntheticShapes, build_transforms, eval_loader
-from fcnseg.utils.checkpoint import save_checkpoint
 from fcnseg.engine.evaluator import evaluate
 from fcnseg.metrics import SegMetrics
 from fcnseg.models.builder import build_model_from_config
+from fcnseg.utils.checkpoint import save_checkpoint
 
 NUM_VAL = 5  # not a multiple of 2 or 3: shards of unequal size
 SMALL_DATA = [

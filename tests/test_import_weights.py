@@ -13,9 +13,9 @@ from conftest import run_script
 from torch import nn
 
 import fcnseg
-from fcnseg.utils.checkpoint import save_checkpoint
 from fcnseg.errors import UserError
 from fcnseg.models import torchfcn
+from fcnseg.utils.checkpoint import save_checkpoint
 
 # (name, input channels, output channels) of VGG16's convolutions; a pooling after each stage.
 VGG16_STAGES = [

@@ -19,8 +19,8 @@ import pytest
 import torch
 from conftest import ROOT, TINY_RUN
 
-from fcnseg.utils.checkpoint import load_checkpoint
 from fcnseg.errors import UserError
+from fcnseg.utils.checkpoint import load_checkpoint
 
 LAUNCHER = ROOT / "docker" / "launch.py"
 TRAIN = str(ROOT / "scripts" / "train.py")

@@ -17,8 +17,8 @@ from conftest import SCRIPTS
 from test_resume import NUM_CLASSES, one_thread, tiny_trainer  # noqa: F401 - fixture
 from torch.utils.data import Dataset
 
-from fcnseg.utils.checkpoint import load_checkpoint
 from fcnseg.engine.trainer import NonFiniteLossError, _StopSignals
+from fcnseg.utils.checkpoint import load_checkpoint
 
 # A few seconds of training on 32-px crops; the caller adds max_iters and the run directory.
 SCRIPT_RUN = [

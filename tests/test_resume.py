@@ -11,12 +11,12 @@ import torch
 from torch.utils.data import Dataset
 
 from fcnseg.data import SyntheticShapes, build_transforms
-from fcnseg.utils.checkpoint import load_checkpoint, save_checkpoint
 from fcnseg.engine.trainer import Trainer, TrainingInterrupted, seed_everything
 from fcnseg.errors import UserError
 from fcnseg.models import build_model
 from fcnseg.models.backbones import vgg_tiny
 from fcnseg.models.heads import fcn8s
+from fcnseg.utils.checkpoint import load_checkpoint, save_checkpoint
 
 NUM_CLASSES = 5
 

@@ -40,10 +40,10 @@ from torch.utils.data import DataLoader, Dataset
 from torch.utils.tensorboard import SummaryWriter
 
 from fcnseg.data.loader import eval_loader, train_loader
-from fcnseg.utils.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from fcnseg.engine.evaluator import evaluate
 from fcnseg.errors import UserError
 from fcnseg.metrics import SegMetrics
+from fcnseg.utils.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from fcnseg.utils.distributed import (
     DistInfo,
     all_gather_object,

@@ -20,9 +20,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fcnseg.models.convert import linear_weight_as_conv
 from fcnseg.errors import UserError
 from fcnseg.models.backbones.weights import load_local_state_dict, torchvision_state_dict
+from fcnseg.models.convert import linear_weight_as_conv
 from fcnseg.models.layers import FeatureInfo, FullyConnectedConv2d, coord_map
 
 ALEXNET_WIDTHS = (64, 192, 384, 256, 256)  # torchvision's single-tower AlexNet

@@ -20,9 +20,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fcnseg.models.convert import linear_to_conv, linear_weight_as_conv
 from fcnseg.errors import UserError
 from fcnseg.models.backbones.weights import load_local_state_dict, torchvision_state_dict
+from fcnseg.models.convert import linear_to_conv, linear_weight_as_conv
 from fcnseg.models.layers import FeatureInfo, coord_map
 
 # The feature each head asks for -> the torchvision stage that computes it.

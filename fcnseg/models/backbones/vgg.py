@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fcnseg.models.convert import linear_weight_as_conv
 from fcnseg.models.backbones.weights import load_local_state_dict, torchvision_state_dict
+from fcnseg.models.convert import linear_weight_as_conv
 from fcnseg.models.layers import FeatureInfo, FullyConnectedConv2d, coord_map
 
 VGG16_STAGES = ((64, 64), (128, 128), (256, 256, 256), (512, 512, 512), (512, 512, 512))
