@@ -208,15 +208,44 @@ class SegLoader(DataLoader):
     def __iter__(self) -> Iterator:
         # The base iterator is made now, not at the first batch: starting workers draws their
         # seed from torch's generator, which callers may want to happen at this point.
-        return _RaisingIterator(super().__iter__())
+        return _RaisingIterator(super().__iter__(), self)
 
 
 class _RaisingIterator:
-    def __init__(self, batches: Iterator) -> None:
-        self.batches = batches
+    """The batches of one pass; ``close()`` (or leaving a ``with`` block) stops its workers.
+
+    Every way out of a loop over a loader must stop the workers: workers that ignore SIGTERM
+    (see ``fcnseg.engine.preemption``) and are never told to stop keep the interpreter's exit
+    waiting for them forever, and a traceback holding the iterator keeps them from being
+    collected.
+    """
+
+    def __init__(self, batches: Iterator, loader: DataLoader) -> None:
+        self.batches, self.loader = batches, loader
 
     def __iter__(self) -> _RaisingIterator:
         return self
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __enter__(self) -> _RaisingIterator:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stops the worker processes now (a no-op without workers, or when done twice)."""
+        shutdown = getattr(self.batches, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()  # asks each worker to stop, joins it, terminates the ones that hang
+        for worker in getattr(self.batches, "_workers", ()):
+            if worker.is_alive():  # ignored the terminate (SIGTERM) above
+                worker.kill()
+                worker.join()
+        if getattr(self.loader, "_iterator", None) is self.batches:
+            self.loader._iterator = None  # persistent workers: the next pass starts new ones
 
     def __next__(self):
         batch = next(self.batches)

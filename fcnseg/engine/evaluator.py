@@ -66,17 +66,23 @@ def evaluate(
     ordered = isinstance(sampler, InferenceSampler | SequentialSampler)
     indices = iter(sampler) if ordered else itertools.count()
     info = get_info()
-    for images, targets in progress(loader, desc="eval", enabled=info.is_main):
-        images = images.to(device, non_blocking=True)
-        targets = targets.to(device, non_blocking=True)
-        preds = inference.predict(model, images, autocast=autocast)
-        metrics.update(preds, targets)
-        for i in range(images.shape[0]):
-            index = next(indices)
-            if on_prediction is not None:
-                on_prediction(index, preds[i])
-        for i in range(min(images.shape[0], keep - len(kept))):
-            kept.append((images[i].cpu(), targets[i].cpu(), preds[i].cpu()))
+    batches = iter(loader)
+    try:
+        for images, targets in progress(batches, desc="eval", enabled=info.is_main):
+            images = images.to(device, non_blocking=True)
+            targets = targets.to(device, non_blocking=True)
+            preds = inference.predict(model, images, autocast=autocast)
+            metrics.update(preds, targets)
+            for i in range(images.shape[0]):
+                index = next(indices)
+                if on_prediction is not None:
+                    on_prediction(index, preds[i])
+            for i in range(min(images.shape[0], keep - len(kept))):
+                kept.append((images[i].cpu(), targets[i].cpu(), preds[i].cpu()))
+    finally:  # every way out stops the loader's workers (a generator's close() included)
+        close = getattr(batches, "close", None)
+        if close is not None:
+            close()
     n = metrics.num_classes
     confusion = metrics.confusion
     if confusion is None:

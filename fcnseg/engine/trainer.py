@@ -342,10 +342,10 @@ class Trainer:
         bar = progress(
             total=self.max_iters, initial=self.iteration, desc="train", enabled=self.dist.is_main
         )
+        with self._rng_untouched():
+            batches = iter(loader)
         try:
             with _StopSignals(self.log, self.dist) as self._signals:
-                with self._rng_untouched():
-                    batches = iter(loader)
                 self.ddp.train()
                 tic = time.perf_counter()
                 while not self._stopping and (self.pending_eval or self.iteration < self.max_iters):
@@ -371,8 +371,9 @@ class Trainer:
                         self.save("last.pt")
                 if self._stopping:
                     raise self._interrupted()
-        finally:
+        finally:  # every way out: return, interrupt, error
             self._signals = None
+            _close(batches)
             bar.close()
             if self.writer is not None:
                 self.writer.close()  # reopened by any later write
@@ -640,11 +641,15 @@ class Trainer:
             )
 
     def _until_stop(self, loader: Iterable) -> Iterator:
-        """``loader``'s batches until a stop signal arrives."""
-        for batch in loader:
-            if self._signals is not None and self._signals.received is not None:
-                return
-            yield batch
+        """``loader``'s batches until a stop signal arrives; closing it stops the workers."""
+        batches = iter(loader)
+        try:
+            for batch in batches:
+                if self._signals is not None and self._signals.received is not None:
+                    return
+                yield batch
+        finally:
+            _close(batches)
 
     def _rng_untouched(self) -> contextlib.AbstractContextManager:
         """Restores the torch generators afterwards (a loader draws its base seed from them)."""
@@ -775,6 +780,12 @@ def _shielded(loader: DataLoader) -> DataLoader:
     if loader.num_workers > 0 and not isinstance(loader.worker_init_fn, _IgnoreStopSignals):
         loader.worker_init_fn = _IgnoreStopSignals(loader.worker_init_fn)
     return loader
+
+
+def _close(batches: Iterator) -> None:
+    close = getattr(batches, "close", None)
+    if close is not None:
+        close()
 
 
 @contextlib.contextmanager
