@@ -3,8 +3,7 @@
 On several GPUs: ``torchrun --nproc_per_node=4 scripts/train.py ...`` (docs/distributed.md).
 """
 
-import os
-import sys
+from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -19,7 +18,7 @@ from fcnseg.engine.trainer import Trainer, TrainingInterrupted, seed_everything
 from fcnseg.metrics import format_table
 from fcnseg.models import build_model
 from fcnseg.models.init import init_from_checkpoint
-from fcnseg.utils.cli import user_errors
+from fcnseg.utils.cli import check_settings, user_errors
 from fcnseg.utils.distributed import cleanup, launch_command
 
 
@@ -48,6 +47,7 @@ def main(cfg: DictConfig) -> None:
         )
         # Staged training starts from the coarser net's layers (a resumed run then overrides them).
         init = init_from_checkpoint(model, cfg.model.init_from) if cfg.model.init_from else None
+        check_settings("trainer", cfg.trainer, Trainer)
         trainer = Trainer(
             model=model,
             train_set=train_set,
@@ -67,6 +67,8 @@ def main(cfg: DictConfig) -> None:
             batching=ds.get("batching", "pad"),
             **cfg.trainer,
         )
+        if trainer.dist.is_main:
+            save_hydra_config(cfg, trainer.run_dir / ".hydra")
         if init is not None:
             trainer.log.info(init.summary())
         try:
@@ -79,6 +81,15 @@ def main(cfg: DictConfig) -> None:
             print(f"\n{format_table(metrics)}\n\nrun directory: {trainer.run_dir}")
 
 
+def save_hydra_config(cfg: DictConfig, folder: Path) -> None:
+    """What Hydra writes in ``.hydra/``, written once the run directory is accepted."""
+    hydra_cfg = HydraConfig.get()
+    folder.mkdir(exist_ok=True)
+    OmegaConf.save(cfg, folder / "config.yaml")
+    OmegaConf.save(OmegaConf.create({"hydra": hydra_cfg}), folder / "hydra.yaml")
+    OmegaConf.save(hydra_cfg.overrides.task, folder / "overrides.yaml")
+
+
 def resume_command() -> str:
     """The command that continues this run in its own directory."""
     hydra_cfg = HydraConfig.get()
@@ -88,7 +99,4 @@ def resume_command() -> str:
 
 
 if __name__ == "__main__":
-    if int(os.environ.get("RANK", "0")) > 0:
-        # Rank 0 owns the run directory: the other processes leave no .hydra copy or log there.
-        sys.argv += ["hydra.output_subdir=null", "hydra/job_logging=none"]
     main()

@@ -16,6 +16,7 @@ import cv2
 import numpy as np
 
 from fcnseg.data.base import Sample, SegmentationDataset
+from fcnseg.errors import UserError
 
 CLASS_NAMES = ("background", "plain", "stripes", "checks", "dots")
 
@@ -46,7 +47,18 @@ class SyntheticShapes(SegmentationDataset):
         kwargs.setdefault("num_classes", len(CLASS_NAMES))
         super().__init__(**kwargs)
         self.split = split
+        if not isinstance(num_samples, int) and split not in num_samples:
+            raise UserError(
+                f"split={split!r} is not a split of the synthetic dataset; "
+                f"dataset.builder.num_samples has {', '.join(map(str, num_samples))}"
+            )
         self.num_samples = num_samples if isinstance(num_samples, int) else int(num_samples[split])
+        # Shapes have radii from 7 px to the shorter side / 3.5, which needs sides of 25 px.
+        if not 25 <= min_size <= max_size:
+            raise UserError(
+                f"dataset.builder.min_size={min_size} and max_size={max_size}: the synthetic "
+                f"images need 25 <= min_size <= max_size"
+            )
         self.min_size, self.max_size = min_size, max_size
         self.seed = seed
         self._split_key = zlib.crc32(split.encode())

@@ -19,11 +19,13 @@ A run loses at most the step in progress:
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import math
 import os
 import random
+import shutil
 import signal
 import threading
 import time
@@ -41,6 +43,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from fcnseg.data.loader import eval_loader, train_loader
 from fcnseg.engine.evaluator import evaluate
+from fcnseg.engine.run_dir import check_room, claim_run_dir
 from fcnseg.errors import UserError
 from fcnseg.metrics import SegMetrics
 from fcnseg.utils.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
@@ -49,6 +52,7 @@ from fcnseg.utils.distributed import (
     all_gather_object,
     all_reduce_sum,
     broadcast_buffers,
+    broadcast_object,
     init_distributed,
     resolve_device,
     shared_run_dir,
@@ -171,6 +175,8 @@ class Trainer:
         resume_command: the command that resumes this run, shown when it is interrupted.
         batching: ``pad`` or ``bucket``: how training batches of different image sizes are
             formed (``fcnseg.data.loader.train_loader``).
+        overwrite: start a new run in a ``run_dir`` that holds another run's checkpoints
+            (refused otherwise, unless ``resume`` continues that run).
     """
 
     def __init__(
@@ -208,6 +214,7 @@ class Trainer:
         nan_policy: str = "stop",
         resume_command: str | None = None,
         batching: str = "pad",
+        overwrite: bool = False,
     ) -> None:
         if amp not in AMP_DTYPES:
             raise UserError(f"trainer.amp={amp!r} is not one of {', '.join(AMP_DTYPES)}")
@@ -215,17 +222,23 @@ class Trainer:
             raise UserError(f"trainer.nan_policy={nan_policy!r} is not one of stop, skip")
         if loss_reduction not in ("mean", "sum"):
             raise UserError(f"loss.reduction={loss_reduction!r} is not one of mean, sum")
-        positive = {
-            "max_iters": max_iters,
-            "eval_interval": eval_interval,
-            "log_interval": log_interval,
-            "checkpoint_interval": checkpoint_interval,
-            "batch_size": batch_size,
-            "accumulate": accumulate,
+        minimum = {
+            "max_iters": (max_iters, 1),
+            "eval_interval": (eval_interval, 1),
+            "log_interval": (log_interval, 1),
+            "checkpoint_interval": (checkpoint_interval, 1),
+            "batch_size": (batch_size, 1),
+            "eval_batch_size": (eval_batch_size, 1),
+            "accumulate": (accumulate, 1),
+            "num_workers": (num_workers, 0),
+            "num_vis": (num_vis, 0),
+            "seed": (seed, 0),
         }
-        for key, value in positive.items():
-            if value < 1:
-                raise UserError(f"trainer.{key}={value} must be at least 1")
+        for key, (value, least) in minimum.items():
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise UserError(f"trainer.{key}={value!r} is not a whole number")
+            if value < least:
+                raise UserError(f"trainer.{key}={value} must be at least {least}")
         self.config = config
         self.class_names = list(class_names)
         self.ignore_index = ignore_index
@@ -247,6 +260,10 @@ class Trainer:
         self.device = resolve_device(device, int(os.environ.get("LOCAL_RANK", "0")))
         self.dist = init_distributed(self.device)
         self.run_dir = shared_run_dir(run_dir)
+        # Nothing is written into the run directory before it is accepted for this run.
+        self._lock = self._on_main(
+            lambda: claim_run_dir(self.run_dir, resume=resume, overwrite=overwrite)
+        )
         self.log = setup_logging(self.run_dir / "train.log", main_process=self.dist.is_main)
         seed_everything(seed + self.dist.rank)  # each process draws its own dropout masks
 
@@ -262,7 +279,16 @@ class Trainer:
             channels_last=channels_last,
             sync_bn=sync_bn and self.dist.enabled,
         )
-        self.optimizer = optimizer([p for p in self.model.parameters() if p.requires_grad])
+        try:
+            self.optimizer = optimizer([p for p in self.model.parameters() if p.requires_grad])
+        except ValueError as err:  # torch's own checks: "Invalid learning rate: -1.0"
+            raise UserError(f"the optimizer refused its settings (optimizer.*): {err}") from err
+        for group in self.optimizer.param_groups:  # SGD lets a NaN learning rate through
+            if not 0 <= float(group["lr"]) < math.inf:
+                raise UserError(
+                    f"the optimizer refused its settings (optimizer.*): Invalid learning rate: "
+                    f"{group['lr']}"
+                )
         self.scheduler = scheduler(self.optimizer)
         self.amp_dtype = AMP_DTYPES[amp]
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=amp == "fp16")
@@ -292,12 +318,7 @@ class Trainer:
         self._signals: _StopSignals | None = None
         self._stopping = False  # every process agreed to stop after this step
         resumed = self._resume(resume) if resume else False
-        if not resumed and (self.run_dir / "checkpoints" / "last.pt").is_file():
-            self.log.warning(
-                "%s already holds a run's last.pt, which this new run will overwrite; "
-                "trainer.resume=true would continue it instead",
-                self.run_dir,
-            )
+        self._preflight()
         # Unwrapped once: `self.model` is what we save and evaluate, `self.ddp` what we train.
         self.ddp = (
             DistributedDataParallel(
@@ -377,6 +398,7 @@ class Trainer:
             bar.close()
             if self.writer is not None:
                 self.writer.close()  # reopened by any later write
+            self.close()
         return self.metrics
 
     def step(self, images: torch.Tensor, targets: torch.Tensor) -> float:
@@ -488,8 +510,7 @@ class Trainer:
             )
         state = self.state_dict()
         state["rng"] = all_gather_object(rng_state())
-        if self.dist.is_main:
-            save_checkpoint(state, path)
+        self._on_main(lambda: _save_or_explain(state, path))
         if name == "last.pt":
             self._last_saved = self.iteration
         return path
@@ -517,11 +538,9 @@ class Trainer:
             self.optimizer.load_state_dict(ckpt["optimizer"])
             self.scheduler.load_state_dict(ckpt["scheduler"])
         except (KeyError, RuntimeError, ValueError) as err:
-            reason = (
-                str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
-            )
             raise UserError(
-                f"checkpoint {path} does not fit this run's model or optimizer ({reason})"
+                f"checkpoint {path} does not fit this run's model or optimizer "
+                f"({_first_mismatch(err)})"
             ) from err
         if self.scaler.is_enabled() and ckpt.get("scaler"):
             self.scaler.load_state_dict(ckpt["scaler"])
@@ -553,6 +572,42 @@ class Trainer:
             "batch_size": self.batch_size,
             "accumulate": self.accumulate,
         }
+
+    def close(self) -> None:
+        """Releases the run directory's lock (done by ``fit`` on every way out)."""
+        if self._lock is not None:
+            self._lock.release()
+
+    def _on_main(self, work: Callable[[], Any]) -> Any:
+        """Runs ``work`` on rank 0; a ``UserError`` it raises is raised on every process.
+
+        The other processes would otherwise wait for rank 0 in the next collective.
+        """
+        result, message = None, None
+        if self.dist.is_main:
+            try:
+                result = work()
+            except UserError as err:
+                message = str(err)
+        if self.dist.enabled:
+            message = broadcast_object(message)
+        if message is not None:
+            raise UserError(message)
+        return result
+
+    def _preflight(self) -> None:
+        """Checks, before the first step, what the first evaluation and save will need."""
+        try:
+            size = len(self.val_set)
+        except TypeError:
+            size = None
+        if size == 0:
+            raise UserError("the validation split is empty: the run could never be evaluated")
+        if size:
+            self.val_set[0]  # readable through the evaluation transform (raises a UserError)
+        self._on_main(
+            lambda: check_room(self.run_dir / "checkpoints", _checkpoint_bytes(self.optimizer))
+        )
 
     # ------------------------------------------------------------------ helpers
     def autocast(self) -> torch.autocast:
@@ -657,6 +712,8 @@ class Trainer:
         return torch.random.fork_rng(devices=devices)
 
     def _evaluate_and_save(self) -> None:
+        if self._last_saved != self.iteration:  # an evaluation that fails costs no steps
+            self.save("last.pt")
         metrics = self.validate()
         if metrics is None:  # cut short by a stop signal: the resumed run evaluates again
             return
@@ -780,6 +837,52 @@ def _shielded(loader: DataLoader) -> DataLoader:
     if loader.num_workers > 0 and not isinstance(loader.worker_init_fn, _IgnoreStopSignals):
         loader.worker_init_fn = _IgnoreStopSignals(loader.worker_init_fn)
     return loader
+
+
+def _checkpoint_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """An estimate of a checkpoint's size: the weights and the optimizer's per-weight buffers
+    (momentum: one; Adam's moments: two), which exist only after the first step."""
+    weights, slots = 0, 0
+    for group in optimizer.param_groups:
+        weights += sum(p.numel() * p.element_size() for p in group["params"])
+        slots = max(slots, 2 if "betas" in group else int(bool(group.get("momentum", 0))))
+    return weights * (1 + slots)
+
+
+def _save_or_explain(state: dict[str, Any], path: Path) -> None:
+    """``save_checkpoint`` whose failure says which file, why, and that the previous is intact."""
+    try:
+        save_checkpoint(state, path)
+    except (OSError, RuntimeError) as err:
+        kept = f"the previous {path.name} is intact" if path.is_file() else "nothing was written"
+        free = shutil.disk_usage(path.parent).free if path.parent.is_dir() else 0
+        needed = sum(t.numel() * t.element_size() for t in _tensors(state))
+        if free < needed or getattr(err, "errno", None) == errno.ENOSPC:
+            why = (
+                f"no space left on device: needs ~{needed / 2**20:.0f} MB, "
+                f"{free / 2**20:.0f} MB free"
+            )
+        else:
+            why = getattr(err, "strerror", None) or " ".join(str(err).split())[:200]
+        raise UserError(f"cannot write checkpoint {path} ({why}); {kept}") from err
+
+
+def _tensors(value: Any) -> Iterator[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _tensors(item)
+    elif isinstance(value, list | tuple):
+        for item in value:
+            yield from _tensors(item)
+
+
+def _first_mismatch(err: BaseException) -> str:
+    """The line of a ``load_state_dict`` error that names the first mismatched entry."""
+    lines = [" ".join(line.split()) for line in str(err).splitlines() if line.strip()]
+    named = [line for line in lines if not line.startswith("Error(s) in loading")]
+    return (named or lines or [type(err).__name__])[0][:300]
 
 
 def _close(batches: Iterator) -> None:

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 from fcnseg.errors import UserError
 
@@ -40,3 +41,21 @@ def _find_cause(
         seen.add(id(err))
         err = err.__cause__
     return None
+
+
+def check_settings(section: str, given: Iterable[str], target: Callable) -> None:
+    """Refuses a key of config ``section`` that ``target`` has no keyword argument for.
+
+    Python would say ``unexpected keyword argument``; the user wrote ``+section.key=value``.
+    """
+    accepted = [
+        name
+        for name, p in inspect.signature(target).parameters.items()
+        if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
+    ]
+    unknown = [key for key in given if key not in accepted and not key.startswith("_")]
+    if unknown:
+        raise UserError(
+            f"{section}.{unknown[0]} is not a {section} setting; the settings are: "
+            f"{', '.join(accepted)}"
+        )
