@@ -21,7 +21,7 @@ from fcnseg.models.builder import build_model_from_config
 from fcnseg.utils.checkpoint import load_checkpoint
 from fcnseg.utils.cli import user_errors
 from fcnseg.utils.distributed import cleanup, get_info
-from fcnseg.utils.export import PredictionWriter
+from fcnseg.utils.export import PredictionWriter, check_evaluation_outputs
 from fcnseg.utils.logging import setup_logging
 
 
@@ -32,6 +32,11 @@ def main(cfg: DictConfig) -> None:
         if cfg.checkpoint is None:
             raise UserError("checkpoint=PATH is required: the checkpoint file to evaluate")
         ckpt = load_checkpoint(cfg.checkpoint)
+        if not isinstance(ckpt.get("config"), dict) or "dataset" not in ckpt["config"]:
+            raise UserError(
+                f"checkpoint {cfg.checkpoint} has no 'config' entry with the training "
+                "configuration; it is not an fcnseg training checkpoint"
+            )
         trained = ckpt["config"]["dataset"]
         chosen = HydraConfig.get().runtime.choices.get("dataset") not in (None, "null")
         ds = evaluation_dataset(
@@ -43,12 +48,15 @@ def main(cfg: DictConfig) -> None:
             train=False, normalize=trained["normalize"], ignore_index=ds["ignore_index"]
         )
         dataset = instantiate(ds["builder"])(split=split, transform=transform)
+        e = cfg.eval
+        # Every output is checked before the evaluation, so that a refusal never follows a run.
+        check_evaluation_outputs(dataset, out=cfg.out, grid=e.grid, tensorboard=e.tensorboard)
+        writer = e.save_predictions and PredictionWriter(
+            e.save_predictions, dataset=dataset, format=e.format, colors=ds.get("palette"),
+            overwrite=e.overwrite,
+        )  # fmt: skip
         model = build_model_from_config(ckpt["config"])
         model.load_state_dict(ckpt["model"])
-        e = cfg.eval
-        writer = e.save_predictions and PredictionWriter(
-            e.save_predictions, dataset=dataset, format=e.format, colors=ds.get("palette")
-        )
         metrics = run_evaluation(
             model,
             dataset,

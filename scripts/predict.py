@@ -8,7 +8,7 @@ import hydra
 from omegaconf import DictConfig
 
 from fcnseg.engine.inference import Inference
-from fcnseg.engine.predictor import predict_images
+from fcnseg.engine.predictor import check_prediction_paths, predict_images
 from fcnseg.errors import UserError
 from fcnseg.models.builder import build_model_from_config
 from fcnseg.utils.checkpoint import load_checkpoint
@@ -18,12 +18,19 @@ from fcnseg.utils.cli import user_errors
 @hydra.main(version_base="1.3", config_path="../configs", config_name="predict")
 def main(cfg: DictConfig) -> None:
     with user_errors("predict.py"):
-        for key in ("checkpoint", "input"):
+        for key in ("checkpoint", "input", "output"):
             if cfg[key] is None:
                 raise UserError(
                     f"{key}=PATH is required (checkpoint=FILE input=FILE_OR_DIR output=DIR)"
                 )
+        # Before the checkpoint is read: a refused output folder costs the user nothing.
+        check_prediction_paths(cfg.input, cfg.output, overwrite=cfg.overwrite)
         ckpt = load_checkpoint(cfg.checkpoint)
+        if not isinstance(ckpt.get("config"), dict) or "dataset" not in ckpt["config"]:
+            raise UserError(
+                f"checkpoint {cfg.checkpoint} has no 'config' entry with the training "
+                "configuration; it is not an fcnseg training checkpoint"
+            )
         model = build_model_from_config(ckpt["config"])
         model.load_state_dict(ckpt["model"])
         ds = ckpt["config"]["dataset"]
@@ -37,6 +44,7 @@ def main(cfg: DictConfig) -> None:
             device=cfg.trainer.device,
             colors=ds.get("palette"),
             alpha=cfg.alpha,
+            overwrite=cfg.overwrite,
         )
         print(f"{len(written)} image(s) predicted into {cfg.output}")
 

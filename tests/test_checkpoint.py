@@ -14,7 +14,13 @@ import pytest
 import torch
 
 from fcnseg.errors import UserError
-from fcnseg.utils.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from fcnseg.utils.checkpoint import (
+    load_checkpoint,
+    load_weights_only,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 
 
 def test_round_trip_keeps_values_and_gives_the_usual_file_mode(tmp_path):
@@ -94,6 +100,8 @@ def test_damaged_files_are_named_in_one_sentence(tmp_path):
         assert "\n" not in str(err.value)
     with pytest.raises(UserError, match="does not exist"):
         load_checkpoint(tmp_path / "missing.pt")
+    with pytest.raises(UserError, match=f"checkpoint {tmp_path} is a directory, not a checkpoint"):
+        load_checkpoint(tmp_path)
     no_model = tmp_path / "no_model.pt"
     save_checkpoint({"weights": {}}, no_model)
     with pytest.raises(UserError, match="no 'model' entry"):
@@ -152,3 +160,32 @@ def test_sigkill_during_repeated_saves_always_leaves_a_loadable_last_pt(tmp_path
     assert seen == 8
     # The loop spends nearly all its time inside save_checkpoint: most kills tear a write.
     assert killed_mid_save >= 1
+
+
+@pytest.mark.parametrize(
+    "content,kind",
+    [
+        (b"101 lines of notes\n", "it is a text file, not one that torch.save writes"),
+        ("état\n".encode(), "it is a text file"),
+        (b"", "it is empty"),
+        (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\xff\xfe", "neither a zip archive nor a pickle"),
+    ],
+)
+def test_a_file_that_torch_save_did_not_write_says_so(tmp_path, content, kind):
+    """A text file once failed as "KeyError: '101'" (the unknown pickle opcode of its "1")."""
+    path = tmp_path / "notes.txt"
+    path.write_bytes(content)
+    with pytest.raises(UserError) as err:
+        load_weights_only(path, what=f"backbone.weights={path}")
+    message = str(err.value)
+    assert message.startswith(f"backbone.weights={path} is not a readable PyTorch checkpoint file")
+    assert kind in message and "'101'" not in message and "\n" not in message
+
+
+def test_load_weights_only_reads_what_torch_save_writes(tmp_path):
+    path = tmp_path / "weights.pt"
+    torch.save({"w": torch.arange(3)}, path)
+    assert torch.equal(load_weights_only(path, what="weights")["w"], torch.arange(3))
+    legacy = tmp_path / "legacy.pt"  # the pre-1.6 format: a pickle, not a zip archive
+    torch.save({"w": torch.arange(3)}, legacy, _use_new_zipfile_serialization=False)
+    assert torch.equal(load_weights_only(legacy, what="weights")["w"], torch.arange(3))

@@ -162,3 +162,46 @@ def test_resolve_class_weights_rejects_bad_values_in_one_sentence(tmp_path, spec
             identity={},
             cache_dir=tmp_path,
         )
+
+
+def independent_weights(masks, num_classes):
+    """Median-frequency weights counted here, class by class, from the label arrays."""
+    freq = {}
+    for c in range(num_classes):
+        with_c = [m for m in masks if (m == c).any()]
+        if with_c:
+            labelled = sum(int((m != IGNORE).sum()) for m in with_c)
+            freq[c] = sum(int((m == c).sum()) for m in with_c) / labelled
+    median = float(np.median(list(freq.values())))
+    return [median / freq[c] if c in freq else 1.0 for c in range(num_classes)]
+
+
+def test_a_label_file_edited_in_place_is_counted_again(tmp_path):
+    """The cache once reused the old weights after a label changed under the same name."""
+    import os
+
+    import fixtures as fx
+
+    from fcnseg.data import VOCSegmentation
+
+    root = fx.write_voc(tmp_path / "voc", val=())
+    labels = {i: fx.sample_arrays(f"voc/{i}")[1] for i in fx.VOC_TRAIN}
+    kwargs = dict(num_classes=21, ignore_index=IGNORE, identity={"root": "voc"}, cache_dir=tmp_path)
+    first = cached_median_frequency(VOCSegmentation(root=root, split="train"), **kwargs)
+    assert first == pytest.approx(independent_weights(labels.values(), 21), rel=1e-12)
+    again = cached_median_frequency(VOCSegmentation(root=root, split="train"), **kwargs)
+    assert again == first and len(list(tmp_path.glob("median_frequency-*.json"))) == 1
+
+    # The same name, new content: a large region of class 20 painted over the first label.
+    edited = labels[fx.VOC_TRAIN[0]].copy()
+    edited[2:-2, 2:-2] = 20
+    labels[fx.VOC_TRAIN[0]] = edited
+    path = root / "VOCdevkit/VOC2012/SegmentationClass" / f"{fx.VOC_TRAIN[0]}.png"
+    st = path.stat()
+    fx.save_palette_png(edited, path)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))  # a later edit, surely
+    expected = independent_weights(labels.values(), 21)
+    assert expected != pytest.approx(first)  # the edit matters to the weights
+    recounted = cached_median_frequency(VOCSegmentation(root=root, split="train"), **kwargs)
+    assert recounted == pytest.approx(expected, rel=1e-12)
+    assert len(list(tmp_path.glob("median_frequency-*.json"))) == 2

@@ -1,6 +1,8 @@
 """The FCN family: exact output sizes, bilinear upsampling, the reference alignment, parameter
 counts, the at-once scaling, ImageNet weight mapping and staged initialisation."""
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -315,9 +317,81 @@ def test_vgg16_loads_torchvision_weights():
 def test_backbone_weights_from_the_wrong_file_say_so(tmp_path):
     path = tmp_path / "other.pth"
     torch.save({"features.0.weight": torch.zeros(8, 3, 3, 3)}, path)
-    for build in (backbones.alexnet, backbones.resnet50):
+    for build in (backbones.alexnet, backbones.resnet50, backbones.vgg_tiny):
         with pytest.raises(UserError, match=f"backbone.weights={path} is not a torchvision"):
             build(weights=path)
+    notes = tmp_path / "notes.txt"
+    notes.write_text("101 reasons\n")
+    for build in (backbones.alexnet, backbones.resnet50, backbones.vgg_tiny_encoder):
+        with pytest.raises(UserError, match=f"backbone.weights={tmp_path} is a directory, not a"):
+            build(weights=tmp_path)
+        with pytest.raises(UserError) as err:
+            build(weights=notes)
+        assert str(err.value) == (
+            f"backbone.weights={notes} is not a readable PyTorch checkpoint file: it is a text "
+            f"file, not one that torch.save writes"
+        )
+    with pytest.raises(UserError, match="vgg_tiny has no pretrained weights"):
+        backbones.vgg_tiny(pretrained=True)
+
+
+def test_offline_pretrained_weights_say_what_to_do(monkeypatch):
+    """No network: one sentence naming the file to fetch, where it goes, and the other ways."""
+    from urllib.error import URLError
+
+    from torchvision.models import VGG16_Weights
+
+    def offline(self, *args, **kwargs):
+        raise URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(VGG16_Weights.IMAGENET1K_V1.__class__, "get_state_dict", offline)
+    with torch.device("meta"), pytest.raises(UserError) as err:
+        backbones.vgg16(pretrained=True)
+    message = str(err.value)
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / "vgg16-397923af.pth"
+    assert message.startswith("could not download torchvision's ImageNet vgg16 weights")
+    assert f"put {VGG16_Weights.IMAGENET1K_V1.url} at {cached}" in message
+    assert "backbone.weights=PATH" in message and "backbone.pretrained=false" in message
+    assert "\n" not in message
+
+
+# VGG-16's stages, then the tensors of a convolution, a BatchNorm and fc6/fc7, by name: the keys
+# that checkpoints and the torchfcn importer rely on.
+_STAGES = (2, 2, 3, 3, 3)
+_CONV = ("weight", "bias")
+_BN = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+
+
+def _vgg_keys(*, batch_norm: bool, fc: bool, fc_batch_norm: bool) -> list[str]:
+    keys = []
+    for s, n in enumerate(_STAGES, start=1):
+        for i in range(1, n + 1):
+            keys += [f"features.conv{s}_{i}.{p}" for p in _CONV]
+            keys += [f"features.bn{s}_{i}.{p}" for p in _BN] if batch_norm else []
+    for layer in ("6", "7") if fc else ():
+        keys += [f"fc.fc{layer}.{p}" for p in _CONV]
+        keys += [f"fc.bnfc{layer}.{p}" for p in _BN] if fc_batch_norm else []
+    return keys
+
+
+@pytest.mark.parametrize(
+    "name,options,batch_norm,fc,fc_batch_norm",
+    [
+        ("vgg16", {}, False, True, False),
+        ("vgg16_bn", {}, True, True, False),
+        ("vgg_tiny", {}, True, True, False),
+        ("vgg16_encoder", {}, False, False, False),
+        ("vgg16_encoder", {"fc": True}, False, True, False),
+        ("vgg16_bn_encoder", {}, True, False, False),
+        ("vgg16_bn_encoder", {"fc": True}, True, True, True),
+        ("vgg_tiny_encoder", {"fc": True}, True, True, True),
+    ],
+)
+def test_vgg_state_dict_keys(name, options, batch_norm, fc, fc_batch_norm):
+    with torch.device("meta"):
+        model = getattr(backbones, name)(**options)
+    expected = _vgg_keys(batch_norm=batch_norm, fc=fc, fc_batch_norm=fc_batch_norm)
+    assert list(model.state_dict()) == expected
 
 
 def test_feature_info_of_the_backbones():

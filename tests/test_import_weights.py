@@ -181,8 +181,10 @@ def test_wrong_weights_are_named(tmp_path):
     with pytest.raises(UserError, match="does not exist"):
         torchfcn.read_state_dict(tmp_path / "missing.pth")
     (tmp_path / "junk.pth").write_bytes(b"not a torch file")
-    with pytest.raises(UserError, match="not a readable PyTorch weights file"):
+    with pytest.raises(UserError, match="junk.pth is not a readable PyTorch checkpoint file"):
         torchfcn.read_state_dict(tmp_path / "junk.pth")
+    with pytest.raises(UserError, match=f"input={tmp_path} is a directory, not a checkpoint"):
+        torchfcn.read_state_dict(tmp_path)
 
 
 @pytest.mark.slow

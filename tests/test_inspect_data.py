@@ -115,3 +115,49 @@ def test_script_names_a_missing_root(tmp_path):
         "(register and download leftImg8bit_trainvaltest.zip and gtFine_trainvaltest.zip at "
         "https://www.cityscapes-dataset.com)"
     ]
+
+
+def test_script_exits_1_after_reporting_problems(tmp_path):
+    root, _ = voc_with_defects(tmp_path / "voc")
+    out = tmp_path / "stats.json"
+    run = run_script(
+        "inspect_data.py", "dataset=voc", f"dataset.root={root}", "split=train", f"out={out}",
+        "num_workers=0", cwd=tmp_path,
+    )  # fmt: skip
+    assert run.returncode == 1, run.stderr[-2000:]
+    assert "3 problem(s) found" in run.stdout and "statistics written to" in run.stdout
+    stats = json.loads(out.read_text())  # written before the exit
+    assert len(stats["unreadable"]) == 1 and len(stats["size_mismatches"]) == 1
+
+
+def test_an_empty_split_is_a_problem(tmp_path):
+    out = tmp_path / "stats.json"
+    run = run_script(
+        "inspect_data.py", "dataset.builder.num_samples={train: 2, val: 0}", f"out={out}",
+        "num_workers=0", cwd=tmp_path,
+    )  # fmt: skip
+    assert run.returncode == 1, run.stderr[-2000:]
+    assert "the split has no samples" in run.stdout and "1 problem(s) found" in run.stdout
+    assert "no problems found" not in run.stdout
+    assert json.loads(out.read_text())["num_samples"] == 0
+
+
+def test_an_empty_or_unknown_voc_split_is_one_sentence(tmp_path):
+    root = fx.write_voc(tmp_path / "voc")
+    lists = root / "VOCdevkit/VOC2012/ImageSets/Segmentation"
+    (lists / "val.txt").write_text("")
+    run = run_script("inspect_data.py", "dataset=voc", f"dataset.root={root}", cwd=tmp_path)
+    assert run.returncode == 2
+    assert run.stderr.strip().splitlines() == [
+        f"inspect_data.py: error: VOC split file {lists / 'val.txt'} is empty; it must list one "
+        "image id per line"
+    ]
+    run = run_script(
+        "inspect_data.py", "dataset=voc", f"dataset.root={root}", "split=tarin", cwd=tmp_path
+    )
+    assert run.returncode == 2
+    assert run.stderr.strip().splitlines() == [
+        f"inspect_data.py: error: VOC split file {lists / 'tarin.txt'} does not exist; expected "
+        "split= one of seg11valid, train, trainval, val (files of one image id per line)"
+    ]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["voc"]  # nothing written

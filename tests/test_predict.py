@@ -97,21 +97,22 @@ def test_predict_refuses_bad_inputs(setup, tmp_path):
         )
 
 
-def test_outputs_inside_the_input_folder_are_not_inputs(setup, tmp_path):
+def test_an_output_inside_the_input_folder_is_refused(setup, tmp_path):
     model, names = setup[1], ["a"] * 5
     Image.new("RGB", (9, 7)).save(tmp_path / "p.png")
-    for _ in range(2):  # the second run must not predict the first run's p.png label map
-        written = predict_images(
-            model, tmp_path, tmp_path / "pred", class_names=names, device="cpu"
-        )
-        assert written == [tmp_path / "pred" / "p.png"]
+    # Its label maps would be read as inputs by the next run, or replace inputs of that name.
+    with pytest.raises(UserError, match=f"output={tmp_path / 'pred'} is inside the input folder"):
+        predict_images(model, tmp_path, tmp_path / "pred", class_names=names, device="cpu")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.png"]
 
 
 def test_unreadable_checkpoint_is_one_sentence(tmp_path):
     (tmp_path / "bad.pt").write_bytes(b"garbage")
+    Image.new("RGB", (9, 7)).save(tmp_path / "p.png")
     proc = run_script(
-        "predict.py", f"checkpoint={tmp_path / 'bad.pt'}", f"input={tmp_path}", "trainer.device=cpu"
-    )
+        "predict.py", f"checkpoint={tmp_path / 'bad.pt'}", f"input={tmp_path / 'p.png'}",
+        f"output={tmp_path / 'out'}", "trainer.device=cpu",
+    )  # fmt: skip
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(

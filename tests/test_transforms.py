@@ -188,3 +188,21 @@ def test_label_values_beyond_a_byte_survive():
 def test_bad_options_are_named(kwargs, message):
     with pytest.raises(UserError, match=message):
         build_transforms(train=True, **kwargs)
+
+
+def test_size_pairs_are_read_in_one_place():
+    """fcnseg.utils.validate.size_pair: crop sizes, windows and kernels, as a side or a pair."""
+    from omegaconf import OmegaConf
+
+    from fcnseg.utils.validate import size_pair
+
+    assert size_pair(64, name="dataset.crop_size") == (64, 64)
+    assert size_pair([40, 48], name="dataset.crop_size") == (40, 48)
+    assert size_pair(OmegaConf.create([40, 48]), name="eval.crop_size") == (40, 48)
+    assert size_pair(np.array([3, 5]), name="kernel_size") == (3, 5)
+    assert size_pair((0, 2), name="padding", minimum=0) == (0, 2)
+    for bad in (0, [32, 32, 3], [32.0, 32], True, "64", [16, -1], None):
+        with pytest.raises(UserError, match=r"^dataset.crop_size=.* must be a side or a"):
+            size_pair(bad, name="dataset.crop_size")
+    with pytest.raises(UserError, match=r"padding=-1 must be a side .*, at least 0"):
+        size_pair(-1, name="padding", minimum=0)

@@ -12,7 +12,7 @@ from torch import nn
 from fcnseg import build_model, load_model
 from fcnseg.data import SyntheticShapes, build_transforms
 from fcnseg.errors import UserError
-from fcnseg.models.backbones import vgg_tiny_encoder
+from fcnseg.models.backbones import vgg_tiny, vgg_tiny_encoder
 
 HEADS = {"segnet": {"fc": False}, "deconvnet": {"fc": True}}
 
@@ -170,13 +170,15 @@ def _reference_params(encoder_fc: bool, decoder, classifier: str) -> int:
         ("deconvnet", 21, DECONVNET_DECODER, "seg_score"),
     ],
 )
-def test_vgg16_variants_match_the_reference_layer_lists(head, num_classes, reference, classifier):
+@pytest.mark.parametrize("backbone", ["vgg16_bn_encoder", "vgg16_bn"])
+def test_vgg16_variants_match_the_reference_layer_lists(
+    backbone, head, num_classes, reference, classifier
+):
+    """The encoder by its own name, or vgg16_bn built as the head asks: the same net."""
+    options = HEADS[head] if backbone.endswith("_encoder") else {}
     with torch.device("meta"):  # layer shapes only, no memory
         model = build_model(
-            backbone="vgg16_bn_encoder",
-            head=head,
-            num_classes=num_classes,
-            backbone_options=HEADS[head],
+            backbone=backbone, head=head, num_classes=num_classes, backbone_options=options
         )
     assert _convs(model.head) == reference
     encoder = _convs(model.backbone)
@@ -191,6 +193,25 @@ def test_vgg16_variants_match_the_reference_layer_lists(head, num_classes, refer
     assert encoder == expected
     params = sum(p.numel() for p in model.parameters())
     assert params == _reference_params(HEADS[head]["fc"], reference, classifier)
+
+
+@pytest.mark.parametrize("head", sorted(HEADS))
+@pytest.mark.parametrize(
+    "plain,encoder", [("vgg16", "vgg16_encoder"), ("vgg16_bn", "vgg16_bn_encoder"),
+                      ("vgg_tiny", "vgg_tiny_encoder")],
+)  # fmt: skip
+def test_a_plain_vgg_name_builds_the_encoder_the_head_asks_for(head, plain, encoder):
+    """build_model(backbone="vgg16", head="deconvnet") needs no options: the same tensors under
+    the same names as the encoder configured by hand (checkpoints load either way)."""
+    with torch.device("meta"):
+        by_head = build_model(backbone=plain, head=head, num_classes=3)
+        by_hand = build_model(
+            backbone=encoder, head=head, num_classes=3, backbone_options=HEADS[head]
+        )
+    shapes = {k: v.shape for k, v in by_head.state_dict().items()}
+    assert shapes == {k: v.shape for k, v in by_hand.state_dict().items()}
+    assert str(by_head) == str(by_hand)
+    assert by_head.backbone.feature_info == by_hand.backbone.feature_info
 
 
 # ----------------------------------------------------------------------------- ImageNet weights
@@ -239,15 +260,31 @@ def test_mismatched_weights_are_a_user_error():
 @pytest.mark.parametrize(
     "backbone,options,head,message",
     [
-        ("vgg_tiny", {}, "segnet", "use an encoder backbone"),
-        ("vgg_tiny", {}, "deconvnet", "use an encoder backbone"),
-        ("vgg_tiny_encoder", {"fc": True}, "segnet", "backbone.fc=false"),
-        ("vgg_tiny_encoder", {"fc": False}, "deconvnet", "backbone.fc=true"),
+        (vgg_tiny, {}, "segnet", "use an encoder backbone"),  # built without indices
+        (vgg_tiny, {}, "deconvnet", "use an encoder backbone"),
+        (lambda: vgg_tiny_encoder(fc=True), {}, "segnet", "backbone.fc=false"),
+        (vgg_tiny_encoder, {}, "deconvnet", "backbone.fc=true"),
+        ("vgg_tiny_encoder", {"fc": True}, "segnet", "needs backbone.fc=false, not"),
+        ("vgg_tiny_encoder", {"fc": False}, "deconvnet", "needs backbone.fc=true, not"),
+        ("vgg_tiny", {"indices": False}, "segnet", "needs backbone.indices=true, not"),
+        ("resnet50", {}, "segnet", "which resnet50 cannot build; use a VGG backbone"),
+        ("alexnet", {}, "deconvnet", "which alexnet cannot build; use a VGG backbone"),
     ],
 )
 def test_wrong_backbone_is_one_clear_sentence(backbone, options, head, message):
-    with pytest.raises(UserError, match=message):
+    if callable(backbone):  # a built backbone: the head itself finds what is missing
+        backbone = backbone()
+    with pytest.raises(UserError, match=message) as err:
         build_model(backbone=backbone, head=head, num_classes=3, backbone_options=options)
+    assert "\n" not in str(err.value)
+
+
+def test_an_encoder_pads_conv1_1_by_one():
+    with pytest.raises(UserError, match="backbone.first_padding=100 would change the size"):
+        build_model(
+            backbone="vgg_tiny", head="segnet", num_classes=3,
+            backbone_options={"first_padding": 100},
+        )  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- training
@@ -277,15 +314,17 @@ def test_a_few_iterations_reduce_the_loss(head):
 # ----------------------------------------------------------------------------- presets
 @pytest.mark.parametrize("head", sorted(HEADS))
 def test_head_presets_compose_and_train_two_iterations(head):
+    """A head config describes the head alone; the backbone, whichever is chosen, is built as
+    the encoder the head asks for."""
     cfg = compose_config([f"head={head}"])
-    assert cfg.backbone._target_.endswith("vgg16_bn_encoder") and cfg.backbone.pretrained
-    assert cfg.backbone.fc == HEADS[head]["fc"]
-    cfg = compose_config([f"head={head}", "backbone=vgg_tiny_encoder"])
-    assert cfg.backbone.fc == HEADS[head]["fc"]
+    assert cfg.backbone._target_.endswith(".vgg_tiny")  # the default, untouched by the head
+    assert cfg.backbone == compose_config().backbone
     num_classes = cfg.dataset.num_classes
     model = build_model(
         backbone=instantiate(cfg.backbone), head=instantiate(cfg.head), num_classes=num_classes
     )
+    assert all(model.backbone.features[f"pool{s}"].return_indices for s in range(1, 6))
+    assert ("fc7" in model.backbone.feature_info) == HEADS[head]["fc"]
     optimizer = instantiate(cfg.optimizer)(model.parameters())
     images, masks = torch.randn(2, 3, 33, 31), torch.randint(0, num_classes, (2, 33, 31))
     for _ in range(2):
@@ -296,13 +335,35 @@ def test_head_presets_compose_and_train_two_iterations(head):
     assert torch.isfinite(loss)
 
 
+@pytest.mark.parametrize("head", sorted(HEADS))
+@pytest.mark.parametrize(
+    "backbone", ["vgg16", "vgg16_bn", "vgg19", "vgg16_encoder", "vgg16_bn_encoder", "vgg_tiny"]
+)
+def test_every_vgg_config_builds_under_the_unpooling_heads(backbone, head):
+    """``head=deconvnet backbone=vgg16`` and the like, as scripts/train.py builds them."""
+    cfg = compose_config([f"head={head}", f"backbone={backbone}", "backbone.pretrained=false"])
+    with torch.device("meta"):
+        model = build_model(
+            backbone=instantiate(cfg.backbone), head=instantiate(cfg.head), num_classes=3
+        )
+        assert model.eval()(torch.empty(1, 3, 45, 61)).shape == (1, 3, 45, 61)
+    assert ("fc7" in model.backbone.feature_info) == HEADS[head]["fc"]
+
+
 def test_segnet_camvid_preset_is_the_published_setup():
     cfg = compose_config(["experiment=segnet_camvid"])
     assert cfg.dataset.name == "camvid" and cfg.dataset.num_classes == 11
     assert cfg.dataset.ignore_index not in range(11)  # void is ignored, not a class
     assert cfg.head._target_ == "fcnseg.models.heads.segnet"
     assert cfg.backbone._target_ == "fcnseg.models.backbones.vgg16_bn_encoder"
-    assert cfg.backbone.pretrained and not cfg.backbone.fc
+    assert cfg.backbone.pretrained and "fc" not in cfg.backbone
+    with torch.device("meta"):
+        model = build_model(
+            backbone=instantiate(cfg.backbone, pretrained=False),
+            head=instantiate(cfg.head),
+            num_classes=cfg.dataset.num_classes,
+        )
+    assert "fc7" not in model.backbone.feature_info  # SegNet drops fc6/fc7
     assert cfg.optimizer._target_ == "torch.optim.SGD"
     assert (cfg.optimizer.lr, cfg.optimizer.momentum) == (1e-3, 0.9)
     assert cfg.scheduler._target_.endswith("ConstantLR") and cfg.trainer.batch_size == 4

@@ -64,6 +64,15 @@ class SegmentationDataset(Dataset):
         """(height, width) of sample ``index`` as stored; file datasets read only the header."""
         return tuple(self.load(index)[0].shape[:2])
 
+    def data_folders(self) -> list[Path]:
+        """The folders holding this dataset's files, its root first; outputs (predictions,
+        reports) must stay out of them. None for generated data."""
+        return []
+
+    def label_files(self) -> list[Path]:
+        """The files the label maps are read from (what label statistics depend on)."""
+        return []
+
     def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Sample ``key``, or ``(index, seed)`` to draw its random augmentation from ``seed``."""
         index, seed = key if isinstance(key, tuple) else (key, None)
@@ -165,6 +174,15 @@ class FilePairDataset(SegmentationDataset):
 
     def image_size(self, index: int) -> tuple[int, int]:
         return image_size(self.images[index])
+
+    def data_folders(self) -> list[Path]:
+        """``root`` (when the subclass sets one), then every folder holding an image or a label."""
+        root = getattr(self, "root", None)
+        roots = [Path(root)] if root is not None else []
+        return list(dict.fromkeys([*roots, *(p.parent for p in (*self.images, *self.labels))]))
+
+    def label_files(self) -> list[Path]:
+        return list(self.labels)
 
     def read_label_file(self, path: Path) -> np.ndarray:
         """The label map in ``path`` as the model sees it (class indices, ``ignore_index``)."""

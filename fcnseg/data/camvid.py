@@ -31,6 +31,15 @@ LAYOUT = (
 )
 
 
+def _splits_in(root: Path) -> list[str]:
+    """The splits ``X`` of ``root`` (folders ``X/`` with a ``Xannot/`` beside them)."""
+    if not root.is_dir():
+        return []
+    return sorted(
+        d.name for d in root.iterdir() if d.is_dir() and (root / f"{d.name}annot").is_dir()
+    )
+
+
 class CamVid(FilePairDataset):
     """CamVid, 11 classes, void (11) ignored.
 
@@ -62,7 +71,9 @@ class CamVid(FilePairDataset):
         for folder in (image_dir, label_dir):
             if not folder.is_dir():
                 layout = LAYOUT.format(root=self.root, split=split)
-                raise UserError(f"CamVid folder {folder} does not exist; expected {layout}")
+                found = _splits_in(self.root)
+                known = f"; {self.root} holds the splits {', '.join(found)}" if found else ""
+                raise UserError(f"CamVid folder {folder} does not exist; expected {layout}{known}")
         images = sorted(image_dir.glob("*.png"))
         if not images:
             raise UserError(f"CamVid folder {image_dir} holds no .png images")

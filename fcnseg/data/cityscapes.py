@@ -112,6 +112,10 @@ def train_ids_to_label_ids(train_ids: np.ndarray) -> np.ndarray:
     return lut[np.where((train_ids >= 0) & (train_ids < 256), train_ids, 0)]
 
 
+def _splits_in(folder: Path) -> list[str]:
+    return sorted(d.name for d in folder.iterdir() if d.is_dir()) if folder.is_dir() else []
+
+
 ANNOTATIONS = ("gtFine", "gtCoarse")
 LAYOUT = (
     "{root}/leftImg8bit/{split}/CITY/*_leftImg8bit.png and "
@@ -155,7 +159,11 @@ class Cityscapes(FilePairDataset):
         label_dir = self.root / annotations / split
         for folder in (image_dir, label_dir):
             if not folder.is_dir():
-                raise UserError(f"Cityscapes folder {folder} does not exist; expected {layout}")
+                found = _splits_in(folder.parent)
+                known = f"; {folder.parent} holds the splits {', '.join(found)}" if found else ""
+                raise UserError(
+                    f"Cityscapes folder {folder} does not exist; expected {layout}{known}"
+                )
         images = sorted(image_dir.glob("*/*_leftImg8bit.png"))
         if not images:
             raise UserError(

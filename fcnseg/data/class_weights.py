@@ -9,7 +9,8 @@ has no frequency; it gets weight 1, which never enters the loss since no pixel c
 
 Counting means reading every training label once, so the counts and weights are cached in
 ``$FCNSEG_CACHE/class_weights`` (default ``~/.cache/fcnseg/class_weights``) under a key made of
-the dataset's class, configuration, length and sample names.
+the dataset's class, configuration, length and sample names, and the size and times of every
+label file, so that a label edited in place is counted again.
 """
 
 from __future__ import annotations
@@ -79,6 +80,26 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fcnseg"
 
 
+def label_file_state(paths: Sequence[str | Path]) -> str:
+    """A hash of each file's path, size, modification and status-change times (ns).
+
+    One ``stat`` per file instead of reading the labels: editing a file changes its size or
+    modification time, and every write or ``touch`` (even one that restores the old
+    modification time, as ``cp -p`` or ``rsync -t`` do) sets the status-change time, which no
+    user call can set back. A copy of the dataset elsewhere is counted again, which costs one
+    pass and is never wrong.
+    """
+    digest = hashlib.sha256()
+    for path in paths:
+        try:
+            st = os.stat(path)
+            state = f"{st.st_size} {st.st_mtime_ns} {st.st_ctime_ns}"
+        except OSError:
+            state = "unreadable"  # counting will name the file
+        digest.update(f"{path}\t{state}\n".encode())
+    return digest.hexdigest()
+
+
 def dataset_key(
     dataset: SegmentationDataset,
     identity: Mapping[str, Any],
@@ -86,13 +107,15 @@ def dataset_key(
     num_classes: int,
     ignore_index: int,
 ) -> str:
-    """A hash of what determines the training labels: class, configuration, samples."""
+    """A hash of what determines the training labels: class, configuration, samples, and the
+    state of every label file (``label_file_state``)."""
     samples = hashlib.sha256("\n".join(dataset.describe(i) for i in range(len(dataset))).encode())
     description = {
         "class": f"{type(dataset).__module__}.{type(dataset).__qualname__}",
         "identity": identity,
         "length": len(dataset),
         "samples": samples.hexdigest(),
+        "label_files": label_file_state(dataset.label_files()),
         "num_classes": num_classes,
         "ignore_index": ignore_index,
     }

@@ -150,7 +150,12 @@ class COCOSegmentation(SegmentationDataset):
         self.ann_file = self.root / "annotations" / f"instances_{split}{year}.json"
         for path in (self.ann_file, self.image_dir):
             if not path.exists():
-                raise UserError(f"COCO {path} does not exist; expected {layout}")
+                found = sorted(
+                    f.name[len("instances_") : -len(f"{year}.json")]
+                    for f in (self.root / "annotations").glob(f"instances_*{year}.json")
+                )
+                known = f"; {self.root} holds the splits {', '.join(found)}" if found else ""
+                raise UserError(f"COCO {path} does not exist; expected {layout}{known}")
         data = self._read_annotations()
         present = {c["id"] for c in data.get("categories", [])}
         if not set(ids) <= present:
@@ -175,6 +180,13 @@ class COCOSegmentation(SegmentationDataset):
             if min_object_area <= 0 or area.get(img["id"], 0.0) >= min_object_area
         ]
         del data
+        if not records:
+            raise UserError(
+                f"no image of {self.ann_file} has objects covering "
+                f"dataset.min_object_area={min_object_area} pixels"
+                if min_object_area > 0
+                else f"{self.ann_file} lists no images"
+            )
         self.samples = _Packed(records)
         self.sizes = np.array([(r[2], r[3]) for r in records], dtype=np.int64).reshape(-1, 2)
         self.files = [r[1] for r in records]
@@ -195,6 +207,12 @@ class COCOSegmentation(SegmentationDataset):
 
     def image_path(self, index: int) -> Path:
         return self.image_dir / self.files[index]
+
+    def data_folders(self) -> list[Path]:
+        return [self.root, self.image_dir, self.ann_file.parent]
+
+    def label_files(self) -> list[Path]:
+        return [self.ann_file]
 
     def describe(self, index: int) -> str:
         return f"{self.image_path(index)} (image id {self.image_ids[index]} of {self.ann_file})"

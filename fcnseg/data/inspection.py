@@ -49,6 +49,20 @@ class _SampleStats(Dataset):
         return out
 
 
+def shutdown_workers(batches: Any) -> None:
+    """Stops a DataLoader iterator's worker processes now, on every way out of a loop.
+
+    Dropping the iterator is not enough: a traceback that holds the loop's frame keeps it, and
+    its workers, alive until the exception is gone.
+    """
+    while batches is not None:
+        shutdown = getattr(batches, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
+            return
+        batches = getattr(batches, "batches", None)  # fcnseg.data.loader's wrapping iterator
+
+
 def _as_is(sample: dict[str, Any]) -> dict[str, Any]:
     return sample
 
@@ -89,28 +103,32 @@ def inspect_dataset(
     loader = DataLoader(
         _SampleStats(dataset, range(n)), batch_size=None, num_workers=num_workers, collate_fn=_as_is
     )
-    for s in progress(loader, total=n, desc="inspect"):
-        if "error" in s:
-            unreadable.append({"file": s["file"], "error": s["error"]})
-            continue
-        sizes[s["size"]] += 1
-        if s["size"] != s["label_size"]:
-            (h, w), (lh, lw) = s["size"], s["label_size"]
-            mismatches.append({"file": s["file"], "image": f"{w}x{h}", "label": f"{lw}x{lh}"})
-        values, counts = np.asarray(s["values"]), np.asarray(s["counts"])
-        total += int(counts.sum())
-        for v, c in zip(values.tolist(), counts.tolist()):
-            if 0 <= v < num_classes:
-                class_pixels[v] += c
-                class_images[v] += 1
-            elif v == ignore_index:
-                ignored += c
-            else:
-                entry = out_of_range.setdefault(
-                    v, {"pixels": 0, "samples": 0, "file": s["label_file"]}
-                )
-                entry["pixels"] += c
-                entry["samples"] += 1
+    samples = iter(loader)
+    try:
+        for s in progress(samples, total=n, desc="inspect"):
+            if "error" in s:
+                unreadable.append({"file": s["file"], "error": s["error"]})
+                continue
+            sizes[s["size"]] += 1
+            if s["size"] != s["label_size"]:
+                (h, w), (lh, lw) = s["size"], s["label_size"]
+                mismatches.append({"file": s["file"], "image": f"{w}x{h}", "label": f"{lw}x{lh}"})
+            values, counts = np.asarray(s["values"]), np.asarray(s["counts"])
+            total += int(counts.sum())
+            for v, c in zip(values.tolist(), counts.tolist()):
+                if 0 <= v < num_classes:
+                    class_pixels[v] += c
+                    class_images[v] += 1
+                elif v == ignore_index:
+                    ignored += c
+                else:
+                    entry = out_of_range.setdefault(
+                        v, {"pixels": 0, "samples": 0, "file": s["label_file"]}
+                    )
+                    entry["pixels"] += c
+                    entry["samples"] += 1
+    finally:
+        shutdown_workers(samples)
     heights = np.array([h for (h, _), k in sizes.items() for _ in range(k)], dtype=np.int64)
     widths = np.array([w for (_, w), k in sizes.items() for _ in range(k)], dtype=np.int64)
 
@@ -160,23 +178,30 @@ def format_report(stats: dict[str, Any], *, max_sizes: int = 8) -> str:
         f"height {h['min']}-{h['max']} (mean {h['mean']}), "
         f"width {w['min']}-{w['max']} (mean {w['mean']})"
     )
-    problems = 0
+    found = problems(stats)
+    lines += found
+    lines.append(f"{len(found)} problem(s) found" if found else "no problems found")
+    return "\n".join(lines)
+
+
+def problems(stats: dict[str, Any]) -> list[str]:
+    """Every problem in ``inspect_dataset``'s result, one line each: an empty split, label
+    values that are neither a class nor the ignore index, unreadable files, size mismatches."""
+    lines = []
+    if stats["num_samples"] == 0:
+        lines.append("the split has no samples: nothing to train or evaluate on")
     for value, entry in stats["out_of_range"].items():
-        problems += 1
         lines.append(
             f"label value {value} is neither a class nor the ignore index {stats['ignore_index']}: "
             f"{entry['pixels']} pixels in {entry['samples']} samples, e.g. {entry['file']}"
         )
     for entry in stats["unreadable"]:
-        problems += 1
         lines.append(f"unreadable: {entry['error']}")
     for entry in stats["size_mismatches"]:
-        problems += 1
         lines.append(
             f"size mismatch: {entry['file']}: image {entry['image']}, label {entry['label']}"
         )
-    lines.append("no problems found" if not problems else f"{problems} problem(s) found")
-    return "\n".join(lines)
+    return lines
 
 
 def write_overlays(

@@ -9,6 +9,7 @@ and rotating only the photograph would misalign every pixel.
 from __future__ import annotations
 
 import io
+import re
 from pathlib import Path
 
 import cv2
@@ -19,6 +20,7 @@ from fcnseg.errors import UserError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm")
 _JPEG_START, _JPEG_END = b"\xff\xd8", b"\xff\xd9"
+_BUFFER_REPR = re.compile(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>")
 
 
 class CorruptFileError(UserError):
@@ -47,6 +49,18 @@ def _read_bytes(path: Path, what: str) -> bytes:
     return data
 
 
+def _reason(err: BaseException) -> str:
+    """Why a decoder refused the bytes of a file, without the in-memory buffer's repr.
+
+    The decoders read a ``BytesIO`` of the file's bytes and name that object in their
+    messages (Pillow: "cannot identify image file <_io.BytesIO object at 0x...>"); the caller
+    names the file itself.
+    """
+    if isinstance(err, Image.UnidentifiedImageError):
+        return "not an image format Pillow can read"
+    return _BUFFER_REPR.sub("the file", str(err))
+
+
 def read_image(path: str | Path) -> np.ndarray:
     """The image at ``path`` as (H, W, 3) uint8 RGB (grey and RGBA images are converted).
 
@@ -71,7 +85,7 @@ def _read_with_pillow(path: Path, data: bytes) -> np.ndarray:
         with Image.open(io.BytesIO(data)) as im:
             return np.asarray(im.convert("RGB"))
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-        raise CorruptFileError(f"image {path} cannot be decoded ({err})", path) from None
+        raise CorruptFileError(f"image {path} cannot be decoded ({_reason(err)})", path) from None
 
 
 def read_label(path: str | Path) -> np.ndarray:
@@ -92,7 +106,7 @@ def read_label(path: str | Path) -> np.ndarray:
             mode = im.mode
             array = np.asarray(im)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-        raise CorruptFileError(f"label {path} cannot be decoded ({err})", path) from None
+        raise CorruptFileError(f"label {path} cannot be decoded ({_reason(err)})", path) from None
     if array.ndim == 3:
         if mode in ("LA", "PA"):  # the alpha channel carries no class
             return array[..., 0]
@@ -126,7 +140,7 @@ def read_mat_label(
         raise CorruptFileError(f"label {path} holds no {struct}.{field}", path) from None
     except Exception as err:  # scipy raises a zoo of types (ValueError, TypeError, OSError...)
         raise CorruptFileError(
-            f"label {path} cannot be read as a MATLAB file ({err})", path
+            f"label {path} cannot be read as a MATLAB file ({_reason(err)})", path
         ) from None
 
 
@@ -143,5 +157,5 @@ def image_size(path: str | Path) -> tuple[int, int]:
     except FileNotFoundError:
         raise CorruptFileError(f"image {path} does not exist", path) from None
     except (OSError, SyntaxError, ValueError) as err:
-        raise CorruptFileError(f"image {path} cannot be read ({err})", path) from None
+        raise CorruptFileError(f"image {path} cannot be read ({_reason(err)})", path) from None
     return h, w

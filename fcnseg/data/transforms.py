@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from fcnseg.errors import UserError
+from fcnseg.utils.validate import size_pair
 
 
 @dataclass(frozen=True)
@@ -54,16 +55,9 @@ class SegTransform:
     else as int32 (OpenCV has no int64 images), and come out as int64 tensors.
     """
 
-    def __init__(
-        self,
-        steps: Sequence[A.BasicTransform],
-        normalization: Normalization,
-        *,
-        train: bool = False,
-    ) -> None:
+    def __init__(self, steps: Sequence[A.BasicTransform], normalization: Normalization) -> None:
         n = normalization
         self.normalization = n
-        self.train = train
         self.pipeline = A.Compose(
             [*steps, A.Normalize(mean=n.mean, std=n.std, max_pixel_value=n.max_pixel_value)]
         )
@@ -110,7 +104,7 @@ def build_transforms(
     steps: list[A.BasicTransform] = []
     if train:
         lo, hi = _scale_range(scale_range)
-        crop_size = _crop_size(crop_size)
+        crop_size = None if crop_size is None else size_pair(crop_size, name="dataset.crop_size")
         if not 0 <= color_jitter <= 1:
             raise UserError(f"dataset.color_jitter={color_jitter} must lie in [0, 1]")
         if (lo, hi) != (1.0, 1.0):
@@ -143,7 +137,7 @@ def build_transforms(
         if color_jitter > 0:
             j = color_jitter
             steps.append(A.ColorJitter(brightness=j, contrast=j, saturation=j, hue=0.0, p=0.8))
-    return SegTransform(steps, norm, train=train)
+    return SegTransform(steps, norm)
 
 
 def _scale_range(scale_range: Sequence[float]) -> tuple[float, float]:
@@ -153,17 +147,6 @@ def _scale_range(scale_range: Sequence[float]) -> tuple[float, float]:
             f"dataset.scale_range={scale_range} must be [low, high] with 0 < low <= high"
         )
     return float(values[0]), float(values[1])
-
-
-def _crop_size(crop_size: int | Sequence[int] | None) -> tuple[int, int] | None:
-    if crop_size is None:
-        return None
-    sides = [crop_size, crop_size] if isinstance(crop_size, int) else list(crop_size)
-    if len(sides) != 2 or not all(isinstance(s, int) and s > 0 for s in sides):
-        raise UserError(
-            f"dataset.crop_size={crop_size} must be a positive side, [height, width] or null"
-        )
-    return sides[0], sides[1]
 
 
 def denormalize(images: torch.Tensor, normalize: str) -> torch.Tensor:

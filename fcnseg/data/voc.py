@@ -80,7 +80,12 @@ def read_ids(path: Path, what: str, known: Iterable[str]) -> list[str]:
             f"{what} split file", path,
             f"split= one of {', '.join(sorted(set(known)))} (files of one image id per line)",
         )  # fmt: skip
-    return path.read_text().split()
+    ids = path.read_text().split()
+    if not ids:
+        # An empty split would only fail later, far from its cause ("cannot sample from an
+        # empty dataset").
+        raise UserError(f"{what} split file {path} is empty; it must list one image id per line")
+    return ids
 
 
 def voc_ids(base: Path, split: str) -> list[str]:
@@ -105,6 +110,10 @@ class _VOCFamily(FilePairDataset):
     def __init__(self, *, pairs: list[tuple[Path, Path]], **kwargs) -> None:
         kwargs.setdefault("num_classes", len(CLASS_NAMES))
         super().__init__(images=[p[0] for p in pairs], labels=[p[1] for p in pairs], **kwargs)
+
+    def data_folders(self) -> list[Path]:
+        bases = [getattr(self, name, None) for name in ("base", "voc_base", "sbd_base")]
+        return list(dict.fromkeys([*(b for b in bases if b is not None), *super().data_folders()]))
 
     def read_label_file(self, path: Path) -> np.ndarray:
         mask = read_mat_label(path) if path.suffix == ".mat" else read_label(path)

@@ -15,9 +15,27 @@ from fcnseg.data.transforms import build_transforms
 from fcnseg.engine.inference import Inference
 from fcnseg.errors import UserError
 from fcnseg.utils.distributed import resolve_device
-from fcnseg.utils.export import list_images, save_label_png
+from fcnseg.utils.export import check_output_dir, list_images, save_label_png
 from fcnseg.utils.logging import progress
 from fcnseg.utils.visualize import Palette, overlay
+
+
+def check_prediction_paths(
+    source: str | Path, output_dir: str | Path, *, overwrite: bool = False
+) -> list[Path]:
+    """The images of ``source``, once ``output_dir`` is known to be a safe place for outputs.
+
+    ``output_dir`` must not be a file, nor be, lie inside or contain ``source``, and must be
+    empty or new unless ``overwrite``. Cheap: scripts call it before loading a model.
+
+    Returns:
+        ``list_images(source)``.
+    """
+    files = list_images(source)
+    source = Path(source)
+    what = "the input folder" if source.is_dir() else "the input image"
+    check_output_dir(output_dir, key="output", protected=[source], what=what, overwrite=overwrite)
+    return files
 
 
 def predict_images(
@@ -31,6 +49,7 @@ def predict_images(
     device: str = "auto",
     colors: Palette | None = None,
     alpha: float = 0.5,
+    overwrite: bool = False,
 ) -> list[Path]:
     """Predicts every image of ``source`` (a file, or a folder searched recursively).
 
@@ -48,16 +67,16 @@ def predict_images(
         device: ``auto``, ``cpu`` or ``cuda``.
         colors: class colours (the VOC map by default).
         alpha: weight of the class colours in the overlay.
+        overwrite: write into an ``output_dir`` that already holds files (see
+            ``check_prediction_paths`` for the folders refused whatever this says).
 
     Returns:
         The label maps written, in input order.
     """
     inference = inference or Inference()
-    files = list_images(source)
+    files = check_prediction_paths(source, output_dir, overwrite=overwrite)
     root = Path(source) if Path(source).is_dir() else Path(source).parent
     out = Path(output_dir)
-    # An output folder inside the input folder holds earlier outputs, not inputs.
-    files = [f for f in files if out.resolve() not in f.resolve().parents]
     dev = resolve_device(device)
     model.to(dev).eval()
     transform = build_transforms(train=False, normalize=normalize)
@@ -66,10 +85,6 @@ def predict_images(
     for path in files:
         stem = out / path.relative_to(root).with_suffix("")
         label_path = stem.with_name(stem.name + ".png")
-        if label_path.resolve() == path.resolve():
-            raise UserError(
-                f"output={out} would overwrite the input image {path}; choose another folder"
-            )
         if label_path in targets:
             raise UserError(
                 f"{targets[label_path]} and {path} would both be predicted into {label_path}"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -15,7 +17,7 @@ from fcnseg.models.segmentation import SegmentationModel
 
 def build_model(
     *,
-    backbone: str | nn.Module,
+    backbone: str | nn.Module | Callable[..., nn.Module],
     head: str | Callable[..., nn.Module],
     num_classes: int,
     pretrained: bool = False,
@@ -24,8 +26,14 @@ def build_model(
 ) -> SegmentationModel:
     """Builds a segmentation model.
 
+    A head may ask for a variant of the backbone in its ``backbone_options`` attribute: SegNet
+    an encoder whose poolings return their indices (``indices=True, fc=False``), DeconvNet one
+    that keeps fc6/fc7 too. A backbone given by name or as a callable is built that way, so
+    ``build_model(backbone="vgg16_bn", head="segnet", ...)`` is SegNet's own encoder.
+
     Args:
-        backbone: a name in ``fcnseg.models.backbones`` (``"vgg16"``) or a built backbone.
+        backbone: a name in ``fcnseg.models.backbones`` (``"vgg16"``), a callable that builds
+            one from keyword arguments (a Hydra ``_partial_`` backbone config), or a built one.
         head: a name in ``fcnseg.models.heads`` (``"fcn8s"``) or a callable
             ``(feature_info, num_classes) -> nn.Module`` (a Hydra ``_partial_``).
         num_classes: number of classes scored.
@@ -33,14 +41,48 @@ def build_model(
         backbone_options: extra keyword arguments for a backbone given by name.
         head_options: extra keyword arguments for a head given by name.
     """
-    if isinstance(backbone, str):
-        backbone = _lookup(backbones, backbone, "backbone")(
-            **{"pretrained": pretrained, **dict(backbone_options or {})}
-        )
     if isinstance(head, str):
         head = _lookup(heads, head, "head")
+    if isinstance(backbone, str):
+        backbone = functools.partial(
+            _lookup(backbones, backbone, "backbone"),
+            **{"pretrained": pretrained, **dict(backbone_options or {})},
+        )
+    if not isinstance(backbone, nn.Module):
+        backbone = _backbone_for_head(head, backbone)
     head_module = head(backbone.feature_info, num_classes, **dict(head_options or {}))
     return SegmentationModel(backbone, head_module)
+
+
+def _backbone_for_head(
+    head: Callable[..., nn.Module], backbone: Callable[..., nn.Module]
+) -> nn.Module:
+    """Calls ``backbone`` with the ``backbone_options`` that ``head`` asks for.
+
+    Raises:
+        UserError: the backbone's own options contradict the head's, or the backbone cannot
+            build the variant the head needs (a ResNet has no pooling indices).
+    """
+    needs = dict(getattr(_unwrap(head), "backbone_options", {}))
+    head_name, backbone_name = _name(head), _name(backbone)
+    given = backbone.keywords if isinstance(backbone, functools.partial) else {}
+    for key, value in needs.items():
+        if key in given and given[key] != value:
+            raise UserError(
+                f"head {head_name} needs backbone.{key}={_yaml(value)}, not "
+                f"backbone.{key}={_yaml(given[key])}; remove that option"
+            )
+    params = inspect.signature(backbone).parameters.values()
+    accepted = {p.name for p in params}
+    if needs and not any(p.kind is p.VAR_KEYWORD for p in params):
+        unknown = [key for key in needs if key not in accepted]
+        if unknown:
+            wanted = ", ".join(f"{key}={_yaml(needs[key])}" for key in needs)
+            raise UserError(
+                f"head {head_name} needs a backbone built with {wanted}, which {backbone_name} "
+                f"cannot build; use a VGG backbone (vgg16_bn, vgg16, vgg_tiny)"
+            )
+    return backbone(**needs)
 
 
 def build_model_from_config(config: Mapping[str, Any]) -> SegmentationModel:
@@ -82,6 +124,23 @@ def load_model(checkpoint_path: str | Path, map_location: str = "cpu") -> Segmen
     model = build_model_from_config(ckpt["config"])
     model.load_state_dict(ckpt["model"])
     return model.eval()
+
+
+def _unwrap(fn: Callable) -> Callable:
+    """The function inside (nested) ``functools.partial`` objects, as Hydra's ``_partial_``
+    makes them."""
+    while isinstance(fn, functools.partial):
+        fn = fn.func
+    return fn
+
+
+def _name(fn: Callable) -> str:
+    return getattr(_unwrap(fn), "__name__", type(fn).__name__)
+
+
+def _yaml(value: Any) -> str:
+    """A value as it is written on the command line (``true``, not ``True``)."""
+    return str(value).lower() if isinstance(value, bool) else str(value)
 
 
 def _lookup(namespace, name: str, kind: str):

@@ -24,6 +24,7 @@ from torch import nn
 
 from fcnseg.errors import UserError
 from fcnseg.models.layers import FullyConnectedConv2d, coord_map
+from fcnseg.utils.validate import size_pair
 
 
 def linear_weight_as_conv(
@@ -61,7 +62,7 @@ def linear_to_conv(
         in_channels: channels of the map it reads (default: all its inputs, for a 1x1 kernel).
         kernel_size: the (h, w) of the map the layer was trained on (1 for a later layer).
     """
-    kh, kw = (kernel_size, kernel_size) if isinstance(kernel_size, int) else tuple(kernel_size)
+    kh, kw = size_pair(kernel_size, name="kernel_size")
     channels = linear.in_features // (kh * kw) if in_channels is None else in_channels
     # A kernel larger than 1x1 is fc6-like: computed as a matrix product on the CPU.
     kind = FullyConnectedConv2d if kh * kw > 1 else nn.Conv2d
@@ -154,7 +155,7 @@ def _convert_features_classifier(model: nn.Module) -> FullyConvolutionalNet:
     if size is None:
         side = round((linears[0].in_features / channels) ** 0.5)
         size = (side, side)
-    window = (size, size) if isinstance(size, int) else tuple(size)
+    window = size_pair(size, name=f"{name}.avgpool.output_size")
     if channels * window[0] * window[1] != linears[0].in_features:
         raise UserError(
             f"cannot convert a {name}: its first Linear layer reads {linears[0].in_features} "

@@ -95,7 +95,7 @@ def init_from_checkpoint(
     from fcnseg.utils.checkpoint import load_checkpoint
 
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():  # a directory or a damaged file: load_checkpoint says which
         raise UserError(
             f"model.init_from={path} does not exist; train the previous stage first, or give "
             f"the path of its checkpoint"

@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fcnseg.utils.validate import size_pair
+
 
 @dataclass(frozen=True)
 class FeatureInfo:
@@ -27,7 +29,8 @@ def coord_step(stride: float, origin: float, layer: nn.Module) -> tuple[float, f
     """Composes the coordinate map (stride, origin) with one more conv or pooling layer."""
     if isinstance(layer, nn.Conv2d | nn.MaxPool2d | nn.AvgPool2d):
         k, s, p, d = (
-            _pair(getattr(layer, a, 1))[0] for a in ("kernel_size", "stride", "padding", "dilation")
+            size_pair(getattr(layer, a, 1), name=a, minimum=0)[0]
+            for a in ("kernel_size", "stride", "padding", "dilation")
         )
         extent = d * (k - 1) + 1
         return stride * s, origin + stride * ((extent - 1) / 2 - p)
@@ -43,10 +46,6 @@ def coord_map(
     return stride, origin
 
 
-def _pair(v) -> tuple[int, int]:
-    return (v, v) if isinstance(v, int) else tuple(v)
-
-
 def bilinear_kernel(channels: int, kernel_size: int) -> torch.Tensor:
     """Weights of a (channels, channels, k, k) transposed conv that upsamples bilinearly.
 
@@ -60,20 +59,6 @@ def bilinear_kernel(channels: int, kernel_size: int) -> torch.Tensor:
     weight = torch.zeros(channels, channels, kernel_size, kernel_size)
     weight[range(channels), range(channels)] = filt2d
     return weight
-
-
-def upsample_layer(channels: int, factor: int, learnable: bool = True) -> nn.ConvTranspose2d:
-    """Transposed conv (kernel 2f, stride f, no bias) initialised to bilinear interpolation."""
-    layer = nn.ConvTranspose2d(channels, channels, 2 * factor, stride=factor, bias=False)
-    with torch.no_grad():
-        layer.weight.copy_(bilinear_kernel(channels, 2 * factor))
-    layer.weight.requires_grad_(learnable)
-    return layer
-
-
-def upsample_coords(stride: float, origin: float, factor: int) -> tuple[float, float]:
-    """Coordinate map after a kernel-2f, stride-f transposed conv (the inverse of a conv's)."""
-    return stride / factor, origin - stride * (2 * factor - 1) / (2 * factor)
 
 
 def align(x: torch.Tensor, offset: tuple[int, int], size: tuple[int, int]) -> torch.Tensor:

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from fcnseg.errors import UserError
+from fcnseg.utils.checkpoint import error_summary, load_weights_only
 
 # Layers of each head beyond VGG16's conv1_1 ... fc7, in the port's names.
 HEAD_LAYERS = {
@@ -45,14 +46,7 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], str | No
     training checkpoints (``model_state_dict`` beside ``arch``). Read with
     ``weights_only=True``: nothing in the file runs.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"input={path} does not exist")
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
-        raise UserError(f"input={path} is not a readable PyTorch weights file ({first})") from err
+    data = load_weights_only(path, what=f"input={path}")
     arch = None
     if isinstance(data, dict) and "model_state_dict" in data:
         arch = ARCHS.get(str(data.get("arch")))
@@ -153,10 +147,9 @@ def import_checkpoint(path: str | Path, *, config: dict[str, Any]) -> dict[str, 
     try:
         model.load_state_dict(renamed, strict=True)
     except RuntimeError as err:
-        first = str(err).strip().splitlines()[1 if "\n" in str(err).strip() else 0][:300]
         raise UserError(
             f"input={path} does not fit backbone={backbone} head={head} (torchfcn nets are "
-            f"VGG16 FCNs: backbone=vgg16; {first})"
+            f"VGG16 FCNs: backbone=vgg16; {error_summary(err)})"
         ) from err
     return {
         "model": model.state_dict(),

@@ -60,46 +60,90 @@ def _umask() -> int:
     return mask
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Reads a checkpoint without executing anything stored in it.
+def load_weights_only(
+    path: str | Path, *, what: str, map_location: str | torch.device = "cpu"
+) -> Any:
+    """``torch.load(path, weights_only=True)``, with every failure as one sentence about ``what``.
 
-    ``torch.load(weights_only=True)`` rebuilds only tensors and plain Python values; a file that
-    names any other object (a pickled class, a function to call) is refused before anything in
-    it runs.
+    ``weights_only=True`` rebuilds only tensors and plain Python values; a file that names any
+    other object (a pickled class, a function to call) is refused before anything in it runs.
+    Every reader of checkpoints and weights files goes through here.
+
+    Args:
+        path: the file.
+        what: how the user named it, for the message (``checkpoint PATH``,
+            ``backbone.weights=PATH``).
+        map_location: where the tensors go.
 
     Raises:
-        UserError: the file is missing, damaged, holds other objects, or has no ``model``.
+        UserError: the path is missing or a directory, the file is not one that ``torch.save``
+            writes, is damaged, or holds other objects than tensors and plain values.
     """
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{what} is a directory, not a checkpoint file")
     if not path.is_file():
-        raise UserError(f"checkpoint {path} does not exist")
+        raise UserError(f"{what} does not exist")
+    with open(path, "rb") as f:
+        head = f.read(256)
+    # torch.save writes a zip archive; before PyTorch 1.6 (and with pickle itself) a pickle,
+    # whose protocol 2+ opcode is 0x80. Anything else (a text file, an image) is not a
+    # checkpoint, and torch.load would only report an unknown opcode such as "101".
+    if not head.startswith((b"PK\x03\x04", b"\x80")):
+        raise UserError(f"{what} is not a readable PyTorch checkpoint file: {_not_torch(head)}")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
         if "global" not in str(err).lower():  # no refused object: a damaged file
             raise UserError(
-                f"checkpoint {path} is not a readable PyTorch checkpoint ({_reason(err)})"
+                f"{what} is not a readable PyTorch checkpoint file ({error_summary(err)})"
             ) from err
         raise UserError(
-            f"checkpoint {path} holds objects other than tensors and plain values and was "
-            f"refused unread ({_reason(err)}); only load files you trust, and re-save them as "
-            f"plain state dicts"
+            f"{what} holds objects other than tensors and plain values and was refused unread "
+            f"({error_summary(err)}); only load files you trust, and re-save them as plain state "
+            f"dicts"
         ) from err
     except Exception as err:
         raise UserError(
-            f"checkpoint {path} is not a readable PyTorch checkpoint ({_reason(err)})"
+            f"{what} is not a readable PyTorch checkpoint file ({error_summary(err)})"
         ) from err
+
+
+def _not_torch(head: bytes) -> str:
+    """What a file that ``torch.save`` did not write is, from its first bytes."""
+    if not head:
+        return "it is empty"
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as err:
+        if err.start < len(head) - 3:  # not merely a character cut at the end of the sample
+            return "it starts with neither a zip archive nor a pickle, as torch.save's files do"
+    return "it is a text file, not one that torch.save writes"
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Reads an fcnseg checkpoint without executing anything stored in it.
+
+    Raises:
+        UserError: the file is missing, damaged, holds other objects (``load_weights_only``),
+            or has no ``model``.
+    """
+    what = f"checkpoint {path}"
+    ckpt = load_weights_only(path, what=what, map_location=map_location)
     if not isinstance(ckpt, dict) or "model" not in ckpt:
-        raise UserError(f"checkpoint {path} has no 'model' entry; it is not an fcnseg checkpoint")
+        raise UserError(f"{what} has no 'model' entry; it is not an fcnseg checkpoint")
     return ckpt
 
 
-def _reason(err: BaseException) -> str:
-    """The informative line of a (long, multi-paragraph) torch.load error."""
+def error_summary(err: BaseException) -> str:
+    """The informative line of a long, multi-paragraph error from ``torch.load`` or
+    ``load_state_dict``, at most 200 characters."""
     lines = [line.strip() for line in str(err).splitlines() if line.strip()]
     for line in lines:
         if line.startswith(("Trying to load", "Unsupported", "PytorchStreamReader")):
-            return line.split(". This is an internal", 1)[0]
+            return line.split(". This is an internal", 1)[0][:200]
+        if line.startswith(("Missing key(s)", "Unexpected key(s)", "size mismatch")):
+            return line[:200]
     return f"{type(err).__name__}: {lines[0][:200] if lines else ''}".rstrip(": ")
 
 

@@ -62,6 +62,100 @@ def list_images(path: str | Path) -> list[Path]:
     return files
 
 
+def refuse_overlap(
+    path: str | Path, protected: Sequence[str | Path], *, key: str, what: str
+) -> None:
+    """Raises a ``UserError`` when ``path`` is, lies inside or contains one of ``protected``.
+
+    Outputs never go among the files they were computed from: predictions named after the
+    images would replace the images, or the ground truth they are scored against.
+
+    Args:
+        path: the output file or folder.
+        protected: the folders (or files) to keep out of, e.g. ``dataset.data_folders()``.
+        key: the option that gave ``path``, to name it.
+        what: what ``protected`` holds, e.g. ``"the dataset folder"``.
+    """
+    out = Path(path).expanduser().resolve()
+    for guarded in protected:
+        inner = Path(guarded).expanduser().resolve()
+        if out == inner:
+            relation = "is"
+        elif inner in out.parents:
+            relation = "is inside"
+        elif out in inner.parents:
+            relation = "contains"
+        else:
+            continue
+        raise UserError(
+            f"{key}={path} {relation} {what} {guarded}, whose files must not be overwritten; "
+            "choose a folder outside it"
+        )
+
+
+def check_output_dir(
+    path: str | Path,
+    *,
+    key: str,
+    protected: Sequence[str | Path] = (),
+    what: str = "the dataset folder",
+    overwrite: bool = False,
+    overwrite_key: str = "overwrite",
+) -> Path:
+    """Checks, before anything is computed, that the folder ``path`` may receive outputs.
+
+    It must not be a file, nor overlap ``protected`` (``refuse_overlap``), and it must be
+    empty or missing unless ``overwrite`` (the outputs replace files of the same name).
+
+    Returns:
+        ``path`` as a ``Path``.
+    """
+    out = Path(path).expanduser()
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{key}={path} is a file, not a folder; give a folder for the outputs")
+    refuse_overlap(out, protected, key=key, what=what)
+    if not overwrite and out.is_dir() and any(out.iterdir()):
+        raise UserError(
+            f"{key}={path} is not empty; choose an empty or new folder, or pass "
+            f"{overwrite_key}=true to replace the files of the same name in it"
+        )
+    return out
+
+
+def check_output_file(
+    path: str | Path,
+    *,
+    key: str,
+    protected: Sequence[str | Path] = (),
+    what: str = "the dataset folder",
+) -> Path:
+    """Checks, before anything is computed, that the file ``path`` may be written: it is not
+    a folder and lies outside ``protected`` (``refuse_overlap``)."""
+    out = Path(path).expanduser()
+    if out.is_dir():
+        raise UserError(f"{key}={path} is a folder; give the file to write")
+    refuse_overlap(out, protected, key=key, what=what)
+    return out
+
+
+def check_evaluation_outputs(
+    dataset: Any,
+    *,
+    out: str | Path | None = None,
+    grid: str | Path | None = None,
+    tensorboard: str | Path | None = None,
+) -> None:
+    """Checks an evaluation's output files before it runs: the metrics file ``out`` and the
+    picture ``grid`` are not folders, and none of the three lies among the dataset's files
+    (``dataset.data_folders()``). ``PredictionWriter`` checks its own folder."""
+    folders = dataset.data_folders() if callable(getattr(dataset, "data_folders", None)) else []
+    for key, path in (("out", out), ("eval.grid", grid)):
+        if path:
+            check_output_file(path, key=key, protected=folders)
+    if tensorboard:
+        refuse_overlap(tensorboard, folders, key="eval.tensorboard", what="the dataset folder")
+
+
 def sample_path(dataset: Any, index: int) -> Path | None:
     """The image file behind sample ``index``, when the dataset tells (``image_path(i)`` or an
     ``images`` list); ``None`` for generated data."""
@@ -81,6 +175,10 @@ def cityscapes_file_name(image_path: str | Path) -> str:
 class PredictionWriter:
     """Saves evaluation predictions, one file per sample (an ``on_prediction`` callback).
 
+    The folder is checked when the writer is made, before any evaluation: it must lie outside
+    the dataset's folders (``dataset.data_folders()``), and be empty or new unless
+    ``overwrite``.
+
     Args:
         out_dir: folder to write to.
         dataset: the evaluated dataset, for file names (``image_path(i)`` or ``images``);
@@ -88,6 +186,8 @@ class PredictionWriter:
         format: ``png`` (palette PNG of class indices) or ``cityscapes`` (label IDs, official
             names).
         colors: class colours of the palette PNGs.
+        overwrite: write into a folder that already holds files (those of the same name are
+            replaced).
     """
 
     def __init__(
@@ -97,10 +197,18 @@ class PredictionWriter:
         dataset: Any,
         format: str = "png",
         colors: Palette | None = None,
+        overwrite: bool = False,
     ):
         if format not in FORMATS:
             raise UserError(f"eval.format={format!r} is not one of {', '.join(FORMATS)}")
-        self.out_dir = Path(out_dir)
+        folders = getattr(dataset, "data_folders", None)
+        self.out_dir = check_output_dir(
+            out_dir,
+            key="eval.save_predictions",
+            protected=folders() if callable(folders) else [],
+            overwrite=overwrite,
+            overwrite_key="eval.overwrite",
+        )
         self.dataset, self.format, self.colors = dataset, format, colors
         self.out_dir.mkdir(parents=True, exist_ok=True)
 

@@ -2,11 +2,14 @@
 
 from fcnseg.models.backbones.alexnet import AlexNet, alexnet
 from fcnseg.models.backbones.resnet import ResNet, resnet50, resnet101
-from fcnseg.models.backbones.vgg import VGG, vgg16, vgg16_bn, vgg19, vgg_tiny
-from fcnseg.models.backbones.vgg_encoder import (
-    VGGEncoder,
+from fcnseg.models.backbones.vgg import (
+    VGG,
+    vgg16,
+    vgg16_bn,
     vgg16_bn_encoder,
     vgg16_encoder,
+    vgg19,
+    vgg_tiny,
     vgg_tiny_encoder,
 )
 
@@ -14,7 +17,6 @@ __all__ = [
     "AlexNet",
     "ResNet",
     "VGG",
-    "VGGEncoder",
     "alexnet",
     "resnet50",
     "resnet101",

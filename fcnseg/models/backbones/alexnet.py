@@ -20,8 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fcnseg.errors import UserError
-from fcnseg.models.backbones.weights import load_local_state_dict, torchvision_state_dict
+from fcnseg.models.backbones.weights import load_pretrained
 from fcnseg.models.convert import linear_weight_as_conv
 from fcnseg.models.layers import FeatureInfo, FullyConnectedConv2d, coord_map
 
@@ -128,16 +127,16 @@ class AlexNet(nn.Module):
         self.load_state_dict(mapped, strict=True)
 
 
-def alexnet(*, pretrained: bool = False, weights: str | Path | None = None, **kwargs) -> AlexNet:
+def alexnet(
+    *,
+    pretrained: bool = False,
+    weights: str | Path | None = None,
+    fc_channels: int = 4096,
+    first_padding: int = 100,
+    dropout: float = 0.5,
+) -> AlexNet:
     """AlexNet (Krizhevsky et al.; torchvision's single-tower variant), as in FCN-AlexNet."""
-    model = AlexNet(**kwargs)
-    if weights is not None:
-        try:
-            model.load_torchvision(load_local_state_dict(weights))
-        except (KeyError, RuntimeError) as err:
-            raise UserError(
-                f"backbone.weights={weights} is not a torchvision alexnet state dict ({err})"
-            ) from err
-    elif pretrained:
-        model.load_torchvision(torchvision_state_dict("alexnet"))
-    return model
+    model = AlexNet(fc_channels=fc_channels, first_padding=first_padding, dropout=dropout)
+    return load_pretrained(
+        model, name="alexnet", arch="alexnet", pretrained=pretrained, weights=weights
+    )

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from fcnseg.errors import UserError
-from fcnseg.models.backbones.weights import load_local_state_dict, torchvision_state_dict
+from fcnseg.models.backbones.weights import load_pretrained
 from fcnseg.models.convert import linear_to_conv, linear_weight_as_conv
 from fcnseg.models.layers import FeatureInfo, coord_map
 
@@ -102,18 +102,9 @@ class ResNet(nn.Module):
 
 
 def _build(arch: str, *, pretrained: bool, weights: str | Path | None, fc: bool) -> ResNet:
-    model = ResNet(arch, fc=fc)
-    if weights is not None:
-        try:
-            model.load_torchvision(load_local_state_dict(weights))
-        except (KeyError, RuntimeError) as err:
-            first = str(err).strip().splitlines()[0][:300]
-            raise UserError(
-                f"backbone.weights={weights} is not a torchvision {arch} state dict ({first})"
-            ) from err
-    elif pretrained:
-        model.load_torchvision(torchvision_state_dict(arch))
-    return model
+    return load_pretrained(
+        ResNet(arch, fc=fc), name=arch, arch=arch, pretrained=pretrained, weights=weights
+    )
 
 
 def resnet50(

@@ -1,8 +1,23 @@
-"""VGG backbones with the classifier converted to convolutions, aligned as in FCN.
+"""VGG backbones: for the FCN heads (aligned as in FCN) or as encoders for unpooling decoders.
 
 Layer names follow the reference Caffe nets (``conv1_1`` ... ``pool5``, ``fc6``, ``fc7``) so that
-weights can be mapped by name. The FCN alignment: conv1_1 is padded by 100 so that any input,
-however small, survives five poolings and a valid 7x7 fc6; poolings round up (Caffe's ceil mode).
+weights can be mapped by name; every pooling rounds up (Caffe's ceil mode). One class builds
+both geometries:
+
+- **FCN** (``indices=False``, the default): conv1_1 is padded by 100 so that any input, however
+  small, survives five poolings and a valid 7x7 fc6. The forward dict holds ``pool3``,
+  ``pool4`` and ``fc7``, the maps the FCN heads fuse.
+- **Encoder** (``indices=True``), for SegNet (Badrinarayanan et al., 2017) and DeconvNet
+  (Noh et al., 2015), which upsample by putting each value back where a max-pooling took it
+  from. conv1_1 is padded by 1, as in both papers: every 3x3 convolution keeps the size, and
+  since each pooling rounds up no row or column is dropped. For every pooling ``pool1`` ...
+  ``pool5`` the forward dict holds ``poolN`` (the pooled features), ``poolN_indices`` (the flat
+  argmax positions ``nn.MaxUnpool2d`` needs) and ``poolN_input_size`` (the (H, W) that was
+  pooled, so that unpooling restores odd sizes exactly), and ``fc7`` when the fully connected
+  layers are kept (DeconvNet; SegNet drops them).
+
+``feature_info`` describes every feature map of the forward dict (``poolN_indices`` shares
+``poolN``'s geometry).
 """
 
 from __future__ import annotations
@@ -12,44 +27,83 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from fcnseg.models.backbones.weights import load_local_state_dict, torchvision_state_dict
+from fcnseg.errors import UserError
+from fcnseg.models.backbones.weights import load_pretrained
 from fcnseg.models.convert import linear_weight_as_conv
 from fcnseg.models.layers import FeatureInfo, FullyConnectedConv2d, coord_map
 
 VGG16_STAGES = ((64, 64), (128, 128), (256, 256, 256), (512, 512, 512), (512, 512, 512))
 VGG19_STAGES = ((64, 64), (128, 128), (256,) * 4, (512,) * 4, (512,) * 4)
+VGG_TINY_STAGES = tuple(tuple(c // 8 for c in stage) for stage in VGG16_STAGES)
+FC6_KERNEL = 7  # the ImageNet classifier's window over pool5
+
+
+def fc6_padding(height: int, width: int) -> tuple[int, int, int, int]:
+    """Zero padding (left, right, top, bottom) that brings a pool5 map up to fc6's 7x7 window.
+
+    The encoder's fc6 is a valid 7x7 convolution, so a pool5 map smaller than 7 in a direction
+    is padded, centred with the odd pixel at the bottom/right. DeconvNet's ``fc6_deconv``
+    output is cropped back with the same top/left offsets.
+    """
+    dh, dw = max(0, FC6_KERNEL - height), max(0, FC6_KERNEL - width)
+    return dw // 2, dw - dw // 2, dh // 2, dh - dh // 2
 
 
 class VGG(nn.Module):
-    """VGG as a dense feature extractor returning ``pool3``, ``pool4`` and ``fc7``.
+    """VGG as a dense feature extractor, in the FCN geometry or as an unpooling encoder.
 
     Args:
         stages: output channels of the convolutions of each of the five stages.
-        fc_channels: width of fc6/fc7 (4096 in VGG).
         batch_norm: BatchNorm after every convolution (torchvision's ``vgg*_bn``).
-        first_padding: padding of conv1_1; 100 is the FCN paper's choice.
-        fc6_padding: padding of the 7x7 fc6; 0 (valid) as in the paper. With
+        indices: the encoder geometry: poolings return their argmax indices, conv1_1 is padded
+            by 1, and every pooling's output is returned (see the module docstring).
+        fc: keep fc6 (7x7) and fc7 (1x1), the ImageNet classifier as convolutions.
+        fc_channels: width of fc6/fc7 (4096 in VGG).
+        first_padding: padding of conv1_1; by default 100 (the FCN paper's choice), and 1 with
+            ``indices``, the only value that lets the decoder restore the input size.
+        fc6_padding: padding of fc6; by default 0 (valid, as in the paper), and with
+            ``indices`` whatever brings a pool5 smaller than 7x7 up to the window. With
             ``first_padding=1, fc6_padding=3`` no input pixel is wasted on padding (5-17x less
             work on small images); the head's coordinate maps keep the output aligned.
-        dropout: dropout after fc6 and fc7.
+        dropout: dropout after fc6 and fc7; by default 0.5, and 0 with ``indices`` (DeconvNet
+            regularises with BatchNorm).
+        fc_batch_norm: BatchNorm after fc6 and fc7; by default only for a BatchNorm encoder
+            (DeconvNet's choice; torchvision's classifier has none, and the FCN nets neither).
     """
-
-    out_features = ("pool3", "pool4", "fc7")
 
     def __init__(
         self,
         stages: Sequence[Sequence[int]] = VGG16_STAGES,
         *,
-        fc_channels: int = 4096,
         batch_norm: bool = False,
-        first_padding: int = 100,
-        fc6_padding: int = 0,
-        dropout: float = 0.5,
+        indices: bool = False,
+        fc: bool = True,
+        fc_channels: int = 4096,
+        first_padding: int | None = None,
+        fc6_padding: int | None = None,
+        dropout: float | None = None,
+        fc_batch_norm: bool | None = None,
     ) -> None:
         super().__init__()
+        if first_padding is None:
+            first_padding = 1 if indices else 100
+        if indices and first_padding != 1:
+            raise UserError(
+                f"backbone.first_padding={first_padding} would change the size that the "
+                f"unpooling heads restore; an encoder pads conv1_1 by 1"
+            )
+        if dropout is None:
+            dropout = 0.0 if indices else 0.5
+        if fc_batch_norm is None:
+            fc_batch_norm = batch_norm and indices
+        self.indices = indices
+        # An encoder pads a small pool5 up to fc6's window at run time, unless told a padding.
+        self.pads_to_fc6_window = indices and fc6_padding is None
         layers: OrderedDict[str, nn.Module] = OrderedDict()
+        info: dict[str, FeatureInfo] = {}
         in_ch = 3
         for s, widths in enumerate(stages, start=1):
             for i, out_ch in enumerate(widths, start=1):
@@ -59,133 +113,194 @@ class VGG(nn.Module):
                     layers[f"bn{s}_{i}"] = nn.BatchNorm2d(out_ch)
                 layers[f"relu{s}_{i}"] = nn.ReLU(inplace=True)
                 in_ch = out_ch
-            layers[f"pool{s}"] = nn.MaxPool2d(2, stride=2, ceil_mode=True)
-        self.features = nn.Sequential(layers)
-        # fc6 sees the 7x7 pool5 window that the ImageNet classifier's first Linear layer saw.
-        self.fc = nn.Sequential(
-            OrderedDict(
-                fc6=FullyConnectedConv2d(in_ch, fc_channels, 7, padding=fc6_padding),
-                relu6=nn.ReLU(inplace=True),
-                drop6=nn.Dropout2d(dropout),
-                fc7=nn.Conv2d(fc_channels, fc_channels, 1),
-                relu7=nn.ReLU(inplace=True),
-                drop7=nn.Dropout2d(dropout),
+            layers[f"pool{s}"] = nn.MaxPool2d(2, stride=2, ceil_mode=True, return_indices=indices)
+            if indices or s in (3, 4):
+                info[f"pool{s}"] = FeatureInfo(in_ch, *coord_map(layers.values()))
+                if indices:
+                    info[f"pool{s}_indices"] = info[f"pool{s}"]
+        # A ModuleDict, not a Sequential: an encoder's pooling returns (values, indices).
+        self.features = nn.ModuleDict(layers)
+        self.fc: nn.Sequential | None = None
+        if fc:
+            fc_layers: OrderedDict[str, nn.Module] = OrderedDict()
+            for n, cin, kernel in (("6", in_ch, FC6_KERNEL), ("7", fc_channels, 1)):
+                pad = (fc6_padding or 0) if n == "6" else 0
+                # fc6 sees the 7x7 pool5 window that the ImageNet classifier's first Linear
+                # layer saw: a matrix product on the CPU (FullyConnectedConv2d).
+                kind = FullyConnectedConv2d if n == "6" else nn.Conv2d
+                fc_layers[f"fc{n}"] = kind(cin, fc_channels, kernel, padding=pad)
+                if fc_batch_norm:
+                    fc_layers[f"bnfc{n}"] = nn.BatchNorm2d(fc_channels)
+                fc_layers[f"relu{n}"] = nn.ReLU(inplace=True)
+                if dropout > 0:
+                    fc_layers[f"drop{n}"] = nn.Dropout2d(dropout)
+            self.fc = nn.Sequential(fc_layers)
+            info["fc7"] = FeatureInfo(
+                fc_channels, *coord_map([*layers.values(), *fc_layers.values()])
             )
-        )
-        self.feature_info = self._feature_info(in_ch, fc_channels)
-        self._init_weights()
-
-    def _feature_info(self, pool5_channels: int, fc_channels: int) -> dict[str, FeatureInfo]:
-        info = {}
-        names = list(self.features._modules)
-        for name in ("pool3", "pool4"):
-            upto = list(self.features)[: names.index(name) + 1]
-            conv = [m for m in upto if isinstance(m, nn.Conv2d)][-1]
-            info[name] = FeatureInfo(conv.out_channels, *coord_map(upto))
-        info["fc7"] = FeatureInfo(fc_channels, *coord_map([*self.features, *self.fc]))
-        return info
-
-    def _init_weights(self) -> None:
+        self.feature_info = info
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
                 nn.init.zeros_(m.bias)
 
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        feats = {}
-        for name, layer in self.features.named_children():
-            x = layer(x)
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor | torch.Size]:
+        feats: dict[str, torch.Tensor | torch.Size] = {}
+        for name, layer in self.features.items():
+            if self.indices and isinstance(layer, nn.MaxPool2d):
+                feats[f"{name}_input_size"] = x.shape[-2:]
+                x, feats[f"{name}_indices"] = layer(x)
+            else:
+                x = layer(x)
             if name in self.feature_info:
                 feats[name] = x
-        feats["fc7"] = self.fc(x)
+        if self.fc is not None:
+            if self.pads_to_fc6_window:
+                x = F.pad(x, fc6_padding(*x.shape[-2:]))
+            feats["fc7"] = self.fc(x)
         return feats
 
     def load_torchvision(self, state_dict: dict[str, torch.Tensor]) -> None:
-        """Loads a torchvision ``vgg*`` state dict, reshaping its Linear layers into fc6/fc7.
+        """Loads a torchvision ``vgg*`` state dict: convolutions and BNs in order, and with
+        ``fc`` its first two Linear layers reshaped into the 7x7 fc6 and the 1x1 fc7.
 
-        torchvision's ``features`` hold the convolutions (and BNs) in the same order as ours;
-        ``classifier.0`` (25088 -> 4096) becomes the 7x7 fc6, ``classifier.3`` the 1x1 fc7. The
-        1000-way ``classifier.6`` is dropped: the segmentation head scores its own classes.
+        ``classifier.0`` (25088 -> 4096) becomes fc6, ``classifier.3`` fc7; the 1000-way
+        ``classifier.6`` is dropped: the segmentation head scores its own classes.
+        torchvision's classifier has no BatchNorm: ``bnfc6``/``bnfc7`` keep their identity
+        initialisation.
         """
-        ours = [m for m in self.features if isinstance(m, nn.Conv2d | nn.BatchNorm2d)]
+        ours = [n for n, m in self.features.items() if isinstance(m, nn.Conv2d | nn.BatchNorm2d)]
         theirs = sorted({int(k.split(".")[1]) for k in state_dict if k.startswith("features.")})
         if len(ours) != len(theirs):
-            raise ValueError(
-                f"the weights have {len(theirs)} convolution/BN layers "
-                f"where this VGG has {len(ours)}"
+            raise UserError(
+                f"the weights have {len(theirs)} convolution/BatchNorm layers where this VGG has "
+                f"{len(ours)}; pick the backbone that matches them (vgg16 or vgg16_bn)"
             )
         mapped = {}
-        for module, idx in zip(ours, theirs):
-            name = next(n for n, m in self.features.named_children() if m is module)
+        for name, idx in zip(ours, theirs):
             for k, v in state_dict.items():
                 if k.startswith(f"features.{idx}."):
                     mapped[f"features.{name}.{k.split('.', 2)[2]}"] = v
-        fc6, fc7 = self.fc.fc6, self.fc.fc7
-        mapped["fc.fc6.weight"] = linear_weight_as_conv(
-            state_dict["classifier.0.weight"], fc6.weight.shape, name="classifier.0.weight"
-        )
-        mapped["fc.fc6.bias"] = state_dict["classifier.0.bias"]
-        mapped["fc.fc7.weight"] = linear_weight_as_conv(
-            state_dict["classifier.3.weight"], fc7.weight.shape, name="classifier.3.weight"
-        )
-        mapped["fc.fc7.bias"] = state_dict["classifier.3.bias"]
-        self.load_state_dict(mapped, strict=True)
+        if self.fc is not None:
+            for name, index in (("fc6", 0), ("fc7", 3)):
+                key = f"classifier.{index}.weight"
+                conv = getattr(self.fc, name)
+                mapped[f"fc.{name}.weight"] = linear_weight_as_conv(
+                    state_dict[key], conv.weight.shape, name=key
+                )
+                mapped[f"fc.{name}.bias"] = state_dict[f"classifier.{index}.bias"]
+        missing, unexpected = self.load_state_dict(mapped, strict=False)
+        fresh = [k for k in missing if not k.startswith(("fc.bnfc6.", "fc.bnfc7."))]
+        if fresh or unexpected:
+            raise UserError(
+                f"the weights do not fit this VGG: missing {fresh}, unexpected {unexpected}"
+            )
 
 
-def _build(
-    arch: str,
-    stages,
+def _vgg(
+    name: str,
+    arch: str | None,
+    stages: Sequence[Sequence[int]],
     *,
-    batch_norm: bool,
     pretrained: bool,
     weights: str | Path | None,
-    **kwargs,
+    **options,
 ) -> VGG:
-    model = VGG(stages, batch_norm=batch_norm, **kwargs)
-    if weights is not None:
-        model.load_torchvision(load_local_state_dict(weights))
-    elif pretrained:
-        model.load_torchvision(torchvision_state_dict(arch))
-    return model
-
-
-def vgg16(*, pretrained: bool = False, weights: str | Path | None = None, **kwargs) -> VGG:
-    """VGG-16 (Simonyan & Zisserman), the FCN paper's backbone."""
-    return _build(
-        "vgg16", VGG16_STAGES, batch_norm=False, pretrained=pretrained, weights=weights, **kwargs
+    return load_pretrained(
+        VGG(stages, **options), name=name, arch=arch, pretrained=pretrained, weights=weights
     )
 
 
-def vgg16_bn(*, pretrained: bool = False, weights: str | Path | None = None, **kwargs) -> VGG:
-    """VGG-16 with BatchNorm after every convolution."""
-    return _build(
-        "vgg16_bn", VGG16_STAGES, batch_norm=True, pretrained=pretrained, weights=weights, **kwargs
-    )
+def vgg16(
+    *,
+    pretrained: bool = False,
+    weights: str | Path | None = None,
+    indices: bool = False,
+    fc: bool = True,
+    **options,
+) -> VGG:
+    """VGG-16 (Simonyan & Zisserman), the FCN paper's backbone; ``options`` go to ``VGG``."""
+    return _vgg(
+        "vgg16", "vgg16", VGG16_STAGES, pretrained=pretrained, weights=weights,
+        indices=indices, fc=fc, **options,
+    )  # fmt: skip
 
 
-def vgg19(*, pretrained: bool = False, weights: str | Path | None = None, **kwargs) -> VGG:
+def vgg16_bn(
+    *,
+    pretrained: bool = False,
+    weights: str | Path | None = None,
+    indices: bool = False,
+    fc: bool = True,
+    **options,
+) -> VGG:
+    """VGG-16 with BatchNorm after every convolution (SegNet's encoder with ``indices=True``)."""
+    return _vgg(
+        "vgg16_bn", "vgg16_bn", VGG16_STAGES, pretrained=pretrained, weights=weights,
+        indices=indices, fc=fc, batch_norm=True, **options,
+    )  # fmt: skip
+
+
+def vgg19(
+    *,
+    pretrained: bool = False,
+    weights: str | Path | None = None,
+    indices: bool = False,
+    fc: bool = True,
+    **options,
+) -> VGG:
     """VGG-19."""
-    return _build(
-        "vgg19", VGG19_STAGES, batch_norm=False, pretrained=pretrained, weights=weights, **kwargs
-    )
+    return _vgg(
+        "vgg19", "vgg19", VGG19_STAGES, pretrained=pretrained, weights=weights,
+        indices=indices, fc=fc, **options,
+    )  # fmt: skip
 
 
 def vgg_tiny(
     *,
     pretrained: bool = False,
     weights: str | Path | None = None,
+    indices: bool = False,
+    fc: bool = True,
     batch_norm: bool = True,
-    **kwargs,
+    **options,
 ) -> VGG:
     """VGG-16's topology at 1/8 of its widths (8 ... 64 channels, fc6/fc7 of 512).
 
     For CPU tests and the quickstart. There are no ImageNet weights for it; BatchNorm (on by
     default) lets it train from scratch in minutes.
     """
-    if pretrained:
-        raise ValueError("vgg_tiny has no pretrained weights; use backbone.pretrained=false")
-    stages = tuple(tuple(c // 8 for c in stage) for stage in VGG16_STAGES)
-    kwargs.setdefault("fc_channels", 512)
-    return _build(
-        "vgg_tiny", stages, batch_norm=batch_norm, pretrained=False, weights=weights, **kwargs
-    )
+    options.setdefault("fc_channels", 512)
+    return _vgg(
+        "vgg_tiny", None, VGG_TINY_STAGES, pretrained=pretrained, weights=weights,
+        indices=indices, fc=fc, batch_norm=batch_norm, **options,
+    )  # fmt: skip
+
+
+# The encoders for the unpooling heads, by the names their configs and checkpoints use. Given a
+# plain VGG's name, build_model builds the same encoder for a SegNet or DeconvNet head.
+def vgg16_encoder(
+    *, pretrained: bool = False, weights: str | Path | None = None, fc: bool = False, **options
+) -> VGG:
+    """VGG-16's 13 convolutions without BatchNorm, poolings returning indices:
+    ``vgg16(indices=True, fc=False)``."""
+    options["indices"] = True
+    return vgg16(pretrained=pretrained, weights=weights, fc=fc, **options)
+
+
+def vgg16_bn_encoder(
+    *, pretrained: bool = False, weights: str | Path | None = None, fc: bool = False, **options
+) -> VGG:
+    """VGG-16 with BatchNorm, poolings returning indices: SegNet's encoder (DeconvNet's with
+    ``fc=True``), initialised from torchvision's ``vgg16_bn``: ``vgg16_bn(indices=True)``."""
+    options["indices"] = True
+    return vgg16_bn(pretrained=pretrained, weights=weights, fc=fc, **options)
+
+
+def vgg_tiny_encoder(
+    *, pretrained: bool = False, weights: str | Path | None = None, fc: bool = False, **options
+) -> VGG:
+    """The encoder at 1/8 of VGG-16's widths (8 ... 64 channels, fc6/fc7 of 512), with
+    BatchNorm: ``vgg_tiny(indices=True, fc=False)``. For CPU tests and quick experiments."""
+    options["indices"] = True
+    return vgg_tiny(pretrained=pretrained, weights=weights, fc=fc, **options)

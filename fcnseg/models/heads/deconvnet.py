@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
+from types import MappingProxyType
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -34,11 +36,15 @@ class DeconvNetHead(nn.Module):
 
     Args:
         feature_info: the backbone's; must describe ``fc7`` and ``pool1`` ... ``poolN`` with
-            their indices (an encoder backbone with ``fc=true``).
+            their indices (a VGG built with ``indices=true, fc=true``).
         num_classes: number of output classes.
         depths: transposed convolutions per decoder stage, finest first (VGG-16's by default).
         batch_norm: BatchNorm after every transposed convolution (the paper's choice).
     """
+
+    # What build_model builds the backbone with: an encoder whose poolings return their
+    # indices, with fc6/fc7, where the decoder starts.
+    backbone_options: ClassVar[Mapping[str, Any]] = MappingProxyType({"indices": True, "fc": True})
 
     def __init__(
         self,
@@ -83,7 +89,7 @@ class DeconvNetHead(nn.Module):
     def forward(self, features: Mapping[str, torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
         x = self.fc6_deconv(features["fc7"])
         # The valid 7x7 transposed conv restores pool5's size; for a pool5 smaller than 7 the
-        # encoder padded it, centred (vgg_encoder.fc6_padding), so a centred crop removes it.
+        # encoder padded it, centred (vgg.fc6_padding), so a centred crop removes it.
         h, w = features[self.pools[-1]].shape[-2:]
         x = align(x, ((x.shape[-2] - h) // 2, (x.shape[-1] - w) // 2), (h, w))
         for s in range(len(self.pools), 0, -1):
@@ -104,3 +110,6 @@ def deconvnet(
 ) -> DeconvNetHead:
     """DeconvNet: fc6-deconv, five unpooling + transposed-convolution stages, a 1x1 scorer."""
     return DeconvNetHead(feature_info, num_classes, depths=depths, batch_norm=batch_norm)
+
+
+deconvnet.backbone_options = DeconvNetHead.backbone_options

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
+from types import MappingProxyType
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -57,7 +59,7 @@ def check_unpooling_backbone(
         raise UserError(
             f"head {head} unpools with the max-pooling indices of {', '.join(pools)}, but the "
             f"backbone gives only {', '.join(feature_info) or 'nothing'}; use an encoder backbone "
-            f"(backbone=vgg16_bn_encoder, vgg16_encoder or vgg_tiny_encoder)"
+            f"(a VGG built with indices=true, as build_model does for a VGG given by name)"
         )
     return pools
 
@@ -88,6 +90,10 @@ class SegNetHead(nn.Module):
         batch_norm: BatchNorm after every decoder convolution but the classifier.
         classifier_kernel: kernel of the classifier (3 in the reference net, 1 is also common).
     """
+
+    # What build_model builds the backbone with: an encoder whose poolings return their
+    # indices, without fc6/fc7 (most of VGG's parameters, a 7x7 window the decoder cannot use).
+    backbone_options: ClassVar[Mapping[str, Any]] = MappingProxyType({"indices": True, "fc": False})
 
     def __init__(
         self,
@@ -164,3 +170,6 @@ def segnet(
         batch_norm=batch_norm,
         classifier_kernel=classifier_kernel,
     )
+
+
+segnet.backbone_options = SegNetHead.backbone_options
