@@ -1,0 +1,144 @@
+"""Where and how the network runs: device, process group, precision, memory layout, compilation.
+
+These choices are made once, by ``Runtime.setup``, and handed to whoever runs the network:
+the training step, the evaluation, prediction and the benchmarks. Training, evaluation and
+prediction therefore agree on what ``amp=bf16`` or ``channels_last=true`` means, and a new
+switch is added here once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from fcnseg.errors import UserError
+from fcnseg.utils.distributed import DistInfo, init_distributed, resolve_device
+
+AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def seed_everything(seed: int) -> None:
+    """Seeds Python's, NumPy's and PyTorch's global generators (initial weights, dropout)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+@dataclass
+class Runtime:
+    """This process's device and group, and how the network runs on it.
+
+    Attributes:
+        device: this process's device (under torchrun, GPU ``LOCAL_RANK``).
+        dist: this process's place in the process group.
+        amp: ``none``, ``bf16`` or ``fp16`` autocast for the forward passes.
+        channels_last: NHWC memory layout for the model and its inputs, which tensor-core
+            convolutions (fp16/bf16 on recent GPUs) run without transposing.
+        compile: ``torch.compile`` the training forward: false, true or a compile mode.
+    """
+
+    device: torch.device
+    dist: DistInfo = field(default_factory=DistInfo)
+    amp: str = "none"
+    channels_last: bool = False
+    compile: bool | str = False
+
+    @classmethod
+    def setup(
+        cls,
+        device: str = "auto",
+        *,
+        amp: str = "none",
+        channels_last: bool = False,
+        compile: bool | str = False,
+        distributed: bool = True,
+    ) -> Runtime:
+        """Resolves ``device`` and joins the process group torchrun describes (if any).
+
+        Args:
+            device: ``auto``, ``cpu`` or ``cuda``: process ``LOCAL_RANK`` of a machine takes
+                its GPU ``LOCAL_RANK``.
+            amp, channels_last, compile: see the class.
+            distributed: join torchrun's group; false for a tool that measures one process.
+        """
+        if amp not in AMP_DTYPES:
+            raise UserError(f"trainer.amp={amp!r} is not one of {', '.join(AMP_DTYPES)}")
+        if compile not in (False, True, None) and compile not in COMPILE_MODES:
+            raise UserError(
+                f"trainer.compile={compile!r} is not one of false, true, {', '.join(COMPILE_MODES)}"
+            )
+        dev = resolve_device(device, int(os.environ.get("LOCAL_RANK", "0")))
+        dist = init_distributed(dev) if distributed else DistInfo()
+        return cls(dev, dist, amp, channels_last, False if compile is None else compile)
+
+    @property
+    def amp_dtype(self) -> torch.dtype | None:
+        return AMP_DTYPES[self.amp]
+
+    @property
+    def memory_format(self) -> torch.memory_format:
+        return torch.channels_last if self.channels_last else torch.contiguous_format
+
+    def autocast(self) -> torch.autocast:
+        """The forward's autocast context (disabled for ``amp=none``)."""
+        dtype = self.amp_dtype
+        return torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None)
+
+    def grad_scaler(self) -> torch.amp.GradScaler:
+        """The gradient scaler fp16 needs (its small range underflows gradients); a disabled
+        one, which passes everything through, otherwise."""
+        return torch.amp.GradScaler(self.device.type, enabled=self.amp == "fp16")
+
+    def prepare(self, model: nn.Module, *, sync_bn: bool = False) -> nn.Module:
+        """Puts ``model`` on the device in the memory layout it runs in.
+
+        Args:
+            model: the network.
+            sync_bn: replace BatchNorm by SyncBatchNorm, whose statistics cover the batch of
+                every process (PyTorch implements it on GPUs only); a no-op for one process.
+        """
+        if sync_bn and self.dist.enabled:
+            if self.device.type != "cuda":
+                raise UserError(
+                    "trainer.sync_bn=true needs CUDA devices: PyTorch's SyncBatchNorm has no "
+                    "CPU version"
+                )
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        return model.to(self.device, memory_format=self.memory_format)
+
+    def inputs(self, images: torch.Tensor) -> torch.Tensor:
+        """A batch of images on the device, in the model's memory layout."""
+        return images.to(self.device, non_blocking=True, memory_format=self.memory_format)
+
+    def compiled(self, model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+        """``torch.compile(model)`` when compiling, else ``model``.
+
+        The compiled callable shares ``model``'s parameters: save and evaluate ``model`` itself.
+        """
+        if self.compile is False:
+            return model
+        return torch.compile(model, mode=None if self.compile is True else self.compile)
+
+    @contextlib.contextmanager
+    def cudnn_benchmark(self, enabled: bool) -> Iterator[None]:
+        """cuDNN autotuning on or off for a while: it pays for fixed training crops, not for
+        evaluation on whole images of many sizes, which would each be tuned anew."""
+        previous = torch.backends.cudnn.benchmark
+        torch.backends.cudnn.benchmark = enabled and self.device.type == "cuda"
+        try:
+            yield
+        finally:
+            torch.backends.cudnn.benchmark = previous
+
+    def untouched_rng(self) -> contextlib.AbstractContextManager:
+        """Restores the torch generators afterwards (a loader draws its base seed from them)."""
+        devices = [self.device.index or 0] if self.device.type == "cuda" else []
+        return torch.random.fork_rng(devices=devices)
