@@ -13,6 +13,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from fcnseg.data import build_transforms
+from fcnseg.data.predictions import PredictionWriter
 from fcnseg.engine.evaluator import evaluation_dataset, run_evaluation
 from fcnseg.engine.inference import Inference
 from fcnseg.errors import UserError
@@ -21,7 +22,7 @@ from fcnseg.models.builder import build_model_from_config
 from fcnseg.utils.checkpoint import load_checkpoint
 from fcnseg.utils.cli import user_errors
 from fcnseg.utils.distributed import cleanup, get_info
-from fcnseg.utils.export import PredictionWriter, check_evaluation_outputs
+from fcnseg.utils.export import check_evaluation_outputs
 from fcnseg.utils.logging import setup_logging
 
 

@@ -328,7 +328,7 @@ def write_cityscapes(root, split="val"):
 
 def test_cityscapes_export_round_trips_through_the_train_ids(tmp_path):
     from fcnseg.data.cityscapes import Cityscapes
-    from fcnseg.utils.export import PredictionWriter
+    from fcnseg.data.predictions import PredictionWriter
 
     write_cityscapes(tmp_path / "cs")
     dataset = Cityscapes(root=tmp_path / "cs", split="val")

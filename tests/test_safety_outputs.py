@@ -15,9 +15,9 @@ from PIL import Image
 from test_evaluate import make_checkpoint
 
 from fcnseg.data import CamVid
+from fcnseg.data.predictions import PredictionWriter
 from fcnseg.engine.predictor import check_prediction_paths, predict_images
 from fcnseg.errors import UserError
-from fcnseg.utils.export import PredictionWriter
 
 CPU = ["trainer.device=cpu", "trainer.num_workers=0"]
 

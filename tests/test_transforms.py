@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from fcnseg.data.transforms import NORMALIZATIONS, build_transforms
+from fcnseg.data.transforms import build_transforms
 from fcnseg.errors import UserError
+from fcnseg.utils.normalization import NORMALIZATIONS
 
 IGNORE = 255
 # A distinct colour per label value (classes 0-20 and the ignore value); none is black, the

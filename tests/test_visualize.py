@@ -12,10 +12,10 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch.utils.tensorboard import SummaryWriter
 
 from fcnseg.data import SyntheticShapes, build_transforms
-from fcnseg.data.transforms import denormalize
 from fcnseg.engine.trainer import Trainer
 from fcnseg.metrics import SegMetrics
 from fcnseg.models.builder import build_model_from_config
+from fcnseg.utils.normalization import denormalize
 from fcnseg.utils.visualize import (
     colorize,
     confusion_figure,

@@ -14,6 +14,7 @@ from fcnseg.data.loader import (
     eval_loader,
     train_loader,
 )
+from fcnseg.data.predictions import PredictionWriter
 from fcnseg.data.synthetic import SyntheticShapes
 from fcnseg.data.transforms import build_transforms
 from fcnseg.data.voc import SBDSegmentation, VOCAugSegmentation, VOCSegmentation
@@ -27,6 +28,7 @@ __all__ = [
     "FilePairDataset",
     "InferenceSampler",
     "PadCollate",
+    "PredictionWriter",
     "SBDSegmentation",
     "SegmentationDataset",
     "SegmentationFolder",

@@ -17,8 +17,16 @@ import numpy as np
 from PIL import Image
 
 from fcnseg.errors import UserError
+from fcnseg.utils.image_files import IMAGE_SUFFIXES
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm")
+__all__ = [
+    "IMAGE_SUFFIXES",  # defined in fcnseg.utils.image_files; kept importable from here
+    "CorruptFileError",
+    "image_size",
+    "read_image",
+    "read_label",
+    "read_mat_label",
+]
 _JPEG_START, _JPEG_END = b"\xff\xd8", b"\xff\xd9"
 _BUFFER_REPR = re.compile(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>")
 

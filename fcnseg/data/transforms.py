@@ -8,7 +8,6 @@ padding is never scored.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import albumentations as A
 import cv2
@@ -16,36 +15,24 @@ import numpy as np
 import torch
 
 from fcnseg.errors import UserError
+from fcnseg.utils.normalization import (
+    NORMALIZATIONS,
+    Normalization,
+    denormalize,
+    get_normalization,
+)
 from fcnseg.utils.validate import size_pair
 
-
-@dataclass(frozen=True)
-class Normalization:
-    """How pixels are presented to the network: ``(pixel * scale - mean) / std`` per channel."""
-
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    max_pixel_value: float
-    bgr: bool = False
-
-
-NORMALIZATIONS = {
-    # torchvision's ImageNet models: RGB in [0, 1], ImageNet mean and std.
-    "imagenet": Normalization((0.485, 0.456, 0.406), (0.229, 0.224, 0.225), 255.0),
-    # The Caffe VGG16 the FCN paper fine-tuned: BGR, 0-255, mean pixel subtracted. The mean is
-    # listed here in RGB order; the channels are swapped after normalisation.
-    "caffe": Normalization(
-        (122.67891434, 116.66876762, 104.00698793), (1.0, 1.0, 1.0), 1.0, bgr=True
-    ),
-    # Pixels in [0, 1], nothing subtracted.
-    "none": Normalization((0.0, 0.0, 0.0), (1.0, 1.0, 1.0), 255.0),
-}
-
-
-def get_normalization(name: str) -> Normalization:
-    if name not in NORMALIZATIONS:
-        raise UserError(f"dataset.normalize={name!r} is not one of {sorted(NORMALIZATIONS)}")
-    return NORMALIZATIONS[name]
+# The normalisation table lives in fcnseg.utils.normalization (the pictures of predictions
+# undo it too); its names stay importable from here.
+__all__ = [
+    "NORMALIZATIONS",
+    "Normalization",
+    "SegTransform",
+    "build_transforms",
+    "denormalize",
+    "get_normalization",
+]
 
 
 class SegTransform:
@@ -147,15 +134,3 @@ def _scale_range(scale_range: Sequence[float]) -> tuple[float, float]:
             f"dataset.scale_range={scale_range} must be [low, high] with 0 < low <= high"
         )
     return float(values[0]), float(values[1])
-
-
-def denormalize(images: torch.Tensor, normalize: str) -> torch.Tensor:
-    """Inverse of the normalisation: (N, 3, H, W) network input -> RGB uint8."""
-    n = get_normalization(normalize)
-    if n.bgr:
-        images = images.flip(1)
-    mean = torch.tensor(n.mean, device=images.device).view(1, 3, 1, 1)
-    std = torch.tensor(n.std, device=images.device).view(1, 3, 1, 1)
-    # albumentations computes (pixel - mean * max) / (std * max); undo that.
-    pixels = (images.float() * std + mean) * n.max_pixel_value
-    return pixels.clamp(0, 255).round().to(torch.uint8)

@@ -16,8 +16,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from PIL import Image, ImageDraw, ImageFont
 
-from fcnseg.data.transforms import denormalize
 from fcnseg.metrics import format_table
+from fcnseg.utils.normalization import denormalize
 
 Palette = np.ndarray | Sequence[Sequence[int]]
 
