@@ -1,11 +1,13 @@
-"""Measure speed: ``python scripts/benchmark.py backbone=vgg16 bench.mode=train out=bench.json``.
+"""Measure speed: ``python scripts/benchmark.py bench=train backbone=vgg16 out=bench.json``.
 
-Modes and keys are documented in ``configs/benchmark.yaml``, the measuring code is
-``fcnseg.engine.benchmark``, and measured tables are in ``docs/benchmarks.md``.
+``bench=`` picks the measurement (``configs/bench/``: train, infer, data, metrics, convert,
+slide), whose ``_target_`` is a function of ``fcnseg.bench``; measured tables are in
+``docs/benchmarks.md``.
 """
 
 import shlex
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import hydra
@@ -13,31 +15,39 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from fcnseg.engine.benchmark import run_benchmark, write_report
+from fcnseg.bench.common import complete, write_report
 from fcnseg.engine.inference import Inference
+from fcnseg.engine.runtime import Runtime
 from fcnseg.models import build_model
 from fcnseg.utils.cli import user_errors
 
 
+def pieces(cfg: DictConfig) -> dict[str, Callable[[], Any]]:
+    """The objects a measurement may ask for, each built only if it does."""
+    ds, tr = cfg.dataset, cfg.trainer
+    return {
+        "model": lambda: build_model(
+            backbone=instantiate(cfg.backbone),
+            head=instantiate(cfg.head),
+            num_classes=ds.num_classes,
+        ),
+        "optimizer": lambda: instantiate(cfg.optimizer),
+        "scheduler": lambda: instantiate(cfg.scheduler),
+        "runtime": lambda: Runtime.setup(
+            tr.device,
+            amp=tr.amp,
+            channels_last=tr.channels_last,
+            compile=tr.compile,
+            distributed=False,
+        ),
+        "inference": lambda: Inference.from_options(OmegaConf.to_container(cfg.eval, resolve=True)),
+        "make_dataset": lambda: instantiate(ds.builder),
+    }
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
-    """The report of the measurement ``cfg.bench.mode`` names."""
-    ds = cfg.dataset
-
-    def model():
-        backbone, head = instantiate(cfg.backbone), instantiate(cfg.head)
-        return build_model(backbone=backbone, head=head, num_classes=ds.num_classes)
-
-    plain = lambda node: OmegaConf.to_container(node, resolve=True)  # noqa: E731
-    return run_benchmark(
-        options=plain(cfg.bench),
-        build_model=model,
-        optimizer=instantiate(cfg.optimizer),
-        scheduler=instantiate(cfg.scheduler),
-        trainer_options=plain(cfg.trainer),
-        dataset_options={k: v for k, v in plain(ds).items() if k != "builder"},
-        make_dataset=instantiate(ds.builder) if ds.root else None,
-        inference=Inference.from_options(plain(cfg.eval)),
-    )
+    """The report of the measurement ``cfg.bench`` names."""
+    return complete(instantiate(cfg.bench), pieces(cfg))()
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="benchmark")

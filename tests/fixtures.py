@@ -17,6 +17,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+# The VOC layout is written by the library's writer, which the data benchmark uses too;
+# save_palette_png is the tests' way to write a label file of their own.
+from fcnseg.bench.voc_layout import save_palette_png, write_voc_layout  # noqa: F401
+
 VOC_TRAIN = ("2007_000001", "2007_000002", "2008_000003")
 VOC_VAL = ("2007_000033", "2007_000042")  # the first two ids of seg11valid
 SBD_TRAIN = ("2007_000002", "2008_000010", "2008_000011")
@@ -76,14 +80,6 @@ def voc_palette() -> list[int]:
     return out
 
 
-def save_palette_png(label: np.ndarray, path: Path) -> None:
-    """A palette ("P") PNG whose indices are ``label``, coloured like VOC's."""
-    im = Image.fromarray(label.astype(np.uint8), mode="P")
-    im.putpalette(voc_palette())
-    path.parent.mkdir(parents=True, exist_ok=True)
-    im.save(path)
-
-
 def _save(array: np.ndarray, path: Path, **kwargs) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(array).save(path, **kwargs)
@@ -99,17 +95,13 @@ def write_voc(
     """``root/VOCdevkit/VOC<year>``: JPEGImages/*.jpg, SegmentationClass/*.png (palette PNGs of
     ``sample_arrays("voc/<id>")`` labels, 255 outlines), ImageSets/Segmentation/{train,val,
     trainval}.txt. Returns ``root``."""
-    root = Path(root)
-    base = root / "VOCdevkit" / f"VOC{year}"
-    for i in (*train, *val):
-        image, label = sample_arrays(f"voc/{i}")
-        _save(image, base / "JPEGImages" / f"{i}.jpg", quality=95)
-        save_palette_png(label, base / "SegmentationClass" / f"{i}.png")
-    lists = base / "ImageSets" / "Segmentation"
-    lists.mkdir(parents=True, exist_ok=True)
-    for name, ids in (("train", train), ("val", val), ("trainval", (*train, *val))):
-        (lists / f"{name}.txt").write_text("".join(f"{i}\n" for i in ids))
-    return root
+    return write_voc_layout(
+        root,
+        sample=lambda i: sample_arrays(f"voc/{i}"),
+        splits={"train": train, "val": val, "trainval": (*train, *val)},
+        year=year,
+        quality=95,
+    )
 
 
 def write_sbd_mat(path: Path, segmentation: np.ndarray) -> None:

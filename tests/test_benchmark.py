@@ -1,23 +1,35 @@
-"""The benchmark: every mode runs and reports its documented fields; the measuring protocol and
-the reference network are checked against independent computations. No timing is asserted."""
+"""The benchmarks: every measurement runs and reports its documented fields; the measuring
+protocol, the step it times and the reference network are checked against independent
+computations. No timing is asserted."""
 
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import json
 import mmap
+from functools import partial
 
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, compose_config, run_script
+from conftest import CONFIGS, ROOT, compose_config, run_script
+from hydra.errors import MissingConfigException
+from hydra.utils import instantiate
 from PIL import Image
 from torch import nn
 
-from fcnseg.engine import benchmark as bench
+from fcnseg.bench import common
+from fcnseg.bench.convert import time_dense_scoring
+from fcnseg.bench.data import time_data_pipeline
+from fcnseg.bench.train import time_train_step
+from fcnseg.bench.voc_layout import write_synthetic_voc
+from fcnseg.data import VOCSegmentation
+from fcnseg.engine.runtime import Runtime
 from fcnseg.errors import UserError
 
 TINY = ["bench.size=32", "bench.batch=1", "bench.iters=1", "bench.warmup=0", "trainer.device=cpu"]
+TINY_SLIDE = [o for o in TINY if not o.startswith("bench.batch=")]  # one image: no batch key
 ROW_KEYS = {
     "name",
     "iters",
@@ -39,13 +51,17 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def _script_run():
+def _script():
     spec = importlib.util.spec_from_file_location(
         "benchmark_script", ROOT / "scripts" / "benchmark.py"
     )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.run
+    return module
+
+
+def _script_run():
+    return _script().run
 
 
 def _check_report(report: dict, mode: str, rows: int) -> None:
@@ -65,7 +81,7 @@ def _check_report(report: dict, mode: str, rows: int) -> None:
 
 @pytest.mark.parametrize("mode", ["train", "infer"])
 def test_network_modes_report_flops_and_time(mode):
-    report = _script_run()(compose_config([f"bench.mode={mode}", *TINY], "benchmark"))
+    report = _script_run()(compose_config([f"bench={mode}", *TINY], "benchmark"))
     _check_report(report, mode, rows=1)
     row = report["results"][0]
     assert row["name"] == "fcnseg" and row["iters"] == 1
@@ -76,14 +92,14 @@ def test_network_modes_report_flops_and_time(mode):
 def test_train_counts_forward_and_backward_flops():
     """Training FLOPs are forward + backward: between 2x and 3.2x the inference FLOPs."""
     run = _script_run()
-    train = run(compose_config(["bench.mode=train", *TINY], "benchmark"))["results"][0]
-    infer = run(compose_config(["bench.mode=infer", *TINY], "benchmark"))["results"][0]
+    train = run(compose_config(["bench=train", *TINY], "benchmark"))["results"][0]
+    infer = run(compose_config(["bench=infer", *TINY], "benchmark"))["results"][0]
     assert 2.0 <= train["flops_per_iter"] / infer["flops_per_iter"] <= 3.2
 
 
 def test_slide_mode_counts_windows_and_compares_batching():
     overrides = [
-        "bench.mode=slide", "eval.mode=slide", "eval.crop_size=32", "eval.stride=24",
+        "bench=slide", "eval.mode=slide", "eval.crop_size=32", "eval.stride=24",
         "eval.batch_size=2", "bench.size=48", "bench.iters=1", "bench.warmup=0",
         "trainer.device=cpu",
     ]  # fmt: skip
@@ -96,12 +112,12 @@ def test_slide_mode_counts_windows_and_compares_batching():
 
 def test_slide_mode_needs_slide_inference():
     with pytest.raises(UserError, match="eval.mode=slide"):
-        _script_run()(compose_config(["bench.mode=slide", *TINY], "benchmark"))
+        _script_run()(compose_config(["bench=slide", *TINY_SLIDE], "benchmark"))
 
 
 def test_metrics_mode_makes_one_bincount_per_batch_on_the_device():
     overrides = [
-        "bench.mode=metrics",
+        "bench=metrics",
         "bench.size=16",
         "bench.batch=3",
         "bench.iters=1",
@@ -115,9 +131,9 @@ def test_metrics_mode_makes_one_bincount_per_batch_on_the_device():
     assert summary["host_reads_per_batch"] <= 1
 
 
-def test_data_mode_reads_a_voc_layout_folder():
+def test_data_mode_reads_a_voc_layout_folder_with_the_training_reader():
     overrides = [
-        "bench.mode=data",
+        "bench=data",
         "bench.size=64",
         "bench.batch=2",
         "bench.iters=1",
@@ -125,7 +141,7 @@ def test_data_mode_reads_a_voc_layout_folder():
     ]
     report = _script_run()(compose_config([*overrides, "bench.warmup=0"], "benchmark"))
     _check_report(report, "data", rows=1)
-    assert report["settings"]["dataset"] == "VOCLayout"
+    assert report["settings"]["dataset"] == "VOCSegmentation"  # the reader training uses
     assert report["settings"]["first_image_size"] == [500, 375]
     summary = report["summary"]
     assert summary["images_per_s_per_core"] > 0
@@ -134,28 +150,29 @@ def test_data_mode_reads_a_voc_layout_folder():
 
 
 def test_voc_layout_round_trip(tmp_path):
-    root = bench.write_voc_layout(tmp_path, num_images=2, size=(50, 40), num_classes=21)
-    base = root / "VOC2012"
+    root = write_synthetic_voc(tmp_path, num_images=2, size=(50, 40), num_classes=21)
+    base = root / "VOCdevkit" / "VOC2012"
     png = Image.open(base / "SegmentationClass" / "2007_000000.png")
     assert png.mode == "P" and png.size == (50, 40)
     raw = np.asarray(png)
     assert set(np.unique(raw)) <= set(range(21)) | {255}
     assert (raw == 255).any() and (raw == 0).any()  # object borders are ignored, as in VOC
-    dataset = bench.VOCLayout(root=root, split="train")
+    dataset = VOCSegmentation(root=root, split="train")
     image, mask = dataset.load(0)
     assert len(dataset) == 1 and image.shape == (40, 50, 3) and image.dtype == np.uint8
     np.testing.assert_array_equal(mask, raw)
     jpeg = np.asarray(Image.open(base / "JPEGImages" / "2007_000000.jpg").convert("RGB"))
     assert np.abs(image.astype(int) - jpeg.astype(int)).mean() < 2  # same file, other decoder
+    assert (base / "ImageSets/Segmentation/val.txt").read_text() == "2007_000001\n"
 
 
 def test_data_mode_with_loader_workers(tmp_path):
-    root = bench.write_voc_layout(tmp_path, num_images=4, size=(60, 45))
+    root = write_synthetic_voc(tmp_path, num_images=4, size=(60, 45))
     from fcnseg.data.transforms import build_transforms
 
     tf = build_transforms(train=True, crop_size=32, scale_range=(0.5, 1.0))
-    dataset = bench.VOCLayout(root=root, split="train", transform=tf)
-    report = bench.bench_data(dataset=dataset, batch=2, num_workers=1, warmup=0, iters=1)
+    dataset = VOCSegmentation(root=root, split="train", transform=tf)
+    report = time_data_pipeline(dataset=dataset, batch=2, num_workers=1, warmup=0, iters=1)
     _check_report(report, "data", rows=2)
     assert report["results"][1]["images_per_s_per_worker"] == report["results"][1]["images_per_s"]
 
@@ -181,7 +198,7 @@ class TinyVGG(nn.Module):
 
 
 def test_convert_mode_times_one_pass_against_every_crop():
-    report = bench.bench_convert(
+    report = time_dense_scoring(
         classifier=TinyVGG, size=288, crop=224, stride=32, device="cpu", warmup=0, iters=1
     )
     _check_report(report, "convert", rows=3)
@@ -265,13 +282,13 @@ def test_fully_connected_conv_rejects_small_maps_as_conv_does():
 def test_time_calls_interleaves_and_warms_up():
     order = []
     calls = {"a": lambda: order.append("a"), "b": lambda: order.append("b")}
-    timed = bench.time_calls(calls, device=torch.device("cpu"), warmup=2, iters=3)
+    timed = common.time_calls(calls, device=torch.device("cpu"), warmup=2, iters=3)
     assert order == ["a", "b"] * 5
     assert [len(timed[k].seconds) for k in "ab"] == [3, 3]
 
 
 def test_summarize_takes_throughput_from_the_median():
-    row = bench.summarize("x", bench.Timed(seconds=[0.1, 0.4, 0.2, 0.3], peak_bytes=3 * 2**20),
+    row = common.summarize("x", common.Timed(seconds=[0.1, 0.4, 0.2, 0.3], peak_bytes=3 * 2**20),
                           images_per_call=4, flops=10**12)  # fmt: skip
     assert row["ms_per_iter"]["median"] == pytest.approx(250.0)
     assert row["ms_per_iter"]["min"] == pytest.approx(100.0) and row["ms_per_iter"][
@@ -285,11 +302,12 @@ def test_summarize_takes_throughput_from_the_median():
 
 def test_count_flops_of_a_convolution():
     conv = nn.Conv2d(3, 5, 3)  # 8x8 -> 6x6: 5*6*6 outputs of 3*3*3 multiply-adds
-    assert bench.count_flops(lambda: conv(torch.randn(2, 3, 8, 8))) == 2 * 2 * 5 * 6 * 6 * 3 * 3 * 3
+    flops = common.count_flops(lambda: conv(torch.randn(2, 3, 8, 8)))
+    assert flops == 2 * 2 * 5 * 6 * 6 * 3 * 3 * 3
 
 
 def test_peak_memory_sees_an_allocation():
-    memory = bench.PeakMemory(torch.device("cpu"))
+    memory = common.PeakMemory(torch.device("cpu"))
     memory.reset()
     before = memory.peak_bytes()
     # Fresh pages from the kernel (a heap could hand back memory already resident), all written.
@@ -301,7 +319,7 @@ def test_peak_memory_sees_an_allocation():
 def test_cli_writes_json_and_only_json(tmp_path):
     out = tmp_path / "metrics.json"
     args = [
-        "bench.mode=metrics",
+        "bench=metrics",
         "bench.size=16",
         "bench.batch=1",
         "bench.iters=1",
@@ -313,14 +331,76 @@ def test_cli_writes_json_and_only_json(tmp_path):
     assert done.returncode == 0, done.stderr
     assert "| SegMetrics.update" in done.stdout
     report = json.loads(out.read_text())
-    assert report["command"].startswith("python scripts/benchmark.py bench.mode=metrics")
+    assert report["command"].startswith("python scripts/benchmark.py bench=metrics")
     assert {"mode", "settings", "environment", "results", "summary"} <= set(report)
     assert report["environment"]["torch_threads"] == 1
     assert list(tmp_path.iterdir()) == [out]  # nothing else written (no Hydra run folder)
 
 
-def test_unknown_mode_is_named():
-    modes = "train, infer, data, metrics, convert, slide"
-    with pytest.raises(UserError) as err:
-        _script_run()(compose_config(["bench.mode=fast"], "benchmark"))
-    assert str(err.value) == f"bench.mode='fast' is not one of {modes}"
+def test_unknown_mode_is_named_with_the_choices():
+    with pytest.raises(MissingConfigException) as err:
+        compose_config(["bench=fast"], "benchmark")
+    choices = "".join(f"\t{mode}\n" for mode in sorted(BENCHES))
+    assert "Could not find 'bench/fast'" in str(err.value)
+    assert f"Available options in 'bench':\n{choices}" in str(err.value)
+
+
+BENCHES = sorted(p.stem for p in (CONFIGS / "bench").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("name", BENCHES)
+def test_every_bench_config_names_a_measurement_and_its_settings(name):
+    """``bench=NAME`` is a function of ``fcnseg.bench.NAME``; every key of the config is one
+    of its parameters, and the script's pieces complete the rest."""
+    cfg = compose_config([f"bench={name}", "trainer.device=cpu"], "benchmark")
+    measure = instantiate(cfg.bench)
+    assert isinstance(measure, partial) and measure.func.__module__ == f"fcnseg.bench.{name}"
+    signature = inspect.signature(measure.func)
+    assert set(measure.keywords) <= set(signature.parameters)
+    assert {"warmup", "iters", "threads"} <= set(measure.keywords)
+    built = []
+    pieces = {key: partial(built.append, key) for key in _script().pieces(cfg)}
+    common.complete(measure, pieces)
+    wanted = {k for k in signature.parameters if k not in measure.keywords}
+    assert set(built) == wanted & set(pieces)  # only what the measurement asks for is built
+
+
+def test_complete_builds_only_the_missing_pieces_asked_for():
+    def measure(*, model, size, runtime=None, threads=None):
+        return {"model": model, "size": size, "runtime": runtime}
+
+    def never():
+        raise AssertionError("built a piece nobody asked for")
+
+    pieces = {"model": lambda: "net", "runtime": lambda: "cpu", "optimizer": never}
+    done = common.complete(partial(measure, size=3), pieces)()
+    assert done == {"model": "net", "size": 3, "runtime": "cpu"}
+    with pytest.raises(UserError, match="measure needs size"):
+        common.complete(measure, pieces)
+
+
+def test_train_mode_times_the_training_step(tmp_path):
+    """Every warm-up and timed call is one optimizer step of ``TrainStep``: the schedule moves
+    once per call, the weights change, the loss is the training loss; no files are written."""
+    from fcnseg import build_model
+
+    torch.manual_seed(0)
+    model = build_model(backbone="vgg_tiny", head="fcn8s", num_classes=3)
+    before = [p.detach().clone() for p in model.parameters()]
+    schedules = []
+
+    def scheduler(opt):
+        schedules.append(torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1.0))
+        return schedules[-1]
+
+    report = time_train_step(
+        model=model, optimizer=partial(torch.optim.SGD, lr=0.1), scheduler=scheduler,
+        runtime=Runtime.setup("cpu", distributed=False), num_classes=3, size=32, batch=2,
+        warmup=2, iters=3,
+    )  # fmt: skip
+    _check_report(report, "train", rows=1)
+    assert [s.last_epoch for s in schedules] == [2 + 3]
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert report["settings"]["trainer"] == {
+        "device": "cpu", "amp": "none", "channels_last": False, "compile": False, "accumulate": 1,
+    }  # fmt: skip
