@@ -13,8 +13,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from fcnseg.data import build_transforms
 from fcnseg.data.class_weights import resolve_class_weights
+from fcnseg.engine.loss import SegLoss
 from fcnseg.engine.optim import with_param_groups
-from fcnseg.engine.trainer import Trainer, TrainingInterrupted, seed_everything
+from fcnseg.engine.runtime import seed_everything
+from fcnseg.engine.settings import TrainSettings
+from fcnseg.engine.trainer import Trainer, TrainingInterrupted
 from fcnseg.metrics import format_table
 from fcnseg.models import build_model
 from fcnseg.models.init import init_from_checkpoint
@@ -25,7 +28,9 @@ from fcnseg.utils.distributed import cleanup, launch_command
 @hydra.main(version_base="1.3", config_path="../configs", config_name="train")
 def main(cfg: DictConfig) -> None:
     with user_errors("train.py", also=(InstantiationException,)):
-        seed_everything(cfg.trainer.seed)  # the initial weights follow the run's seed
+        check_settings("trainer", cfg.trainer, TrainSettings)
+        settings = instantiate(cfg.trainer)
+        seed_everything(settings.seed)  # the initial weights follow the run's seed
         ds = cfg.dataset
         make_dataset = instantiate(ds.builder)
         augment = dict(normalize=ds.normalize, ignore_index=ds.ignore_index)
@@ -41,14 +46,13 @@ def main(cfg: DictConfig) -> None:
                       "builder": OmegaConf.to_container(ds.builder, resolve=True)},
         )  # fmt: skip
         model = build_model(
-            backbone=instantiate(cfg.backbone),
-            head=instantiate(cfg.head),
+            backbone=instantiate(cfg.backbone), head=instantiate(cfg.head),
             num_classes=ds.num_classes,
-        )
+        )  # fmt: skip
         # Staged training starts from the coarser net's layers (a resumed run then overrides them).
         init = init_from_checkpoint(model, cfg.model.init_from) if cfg.model.init_from else None
-        check_settings("trainer", cfg.trainer, Trainer)
         trainer = Trainer(
+            settings,
             model=model,
             train_set=train_set,
             val_set=make_dataset(
@@ -56,16 +60,15 @@ def main(cfg: DictConfig) -> None:
             ),
             optimizer=with_param_groups(instantiate(cfg.optimizer), model, **cfg.param_groups),
             scheduler=instantiate(cfg.scheduler),
+            loss=SegLoss(
+                weight=class_weights, ignore_index=ds.ignore_index, reduction=cfg.loss.reduction
+            ),
             run_dir=HydraConfig.get().runtime.output_dir,
             config=OmegaConf.to_container(cfg, resolve=True),
             class_names=ds.class_names,
-            ignore_index=ds.ignore_index,
             normalize=ds.normalize,
-            class_weights=class_weights,
-            loss_reduction=cfg.loss.reduction,
-            resume_command=resume_command(),
             batching=ds.get("batching", "pad"),
-            **cfg.trainer,
+            resume_command=resume_command(),
         )
         if trainer.dist.is_main:
             save_hydra_config(cfg, trainer.run_dir / ".hydra")

@@ -62,7 +62,7 @@ def _ddp_worker(rank: int, port: int, tmp: str) -> None:
         result["run_dir"] = str(trainer.run_dir)
         images, targets = global_batch()
         own = slice(4 * rank, 4 * rank + 4)  # 4 images, 2 micro-batches of 2
-        result["loss"] = trainer.step(images[own], targets[own])
+        result["loss"] = trainer.run_step(images[own], targets[own])
         result["grads"] = {n: p.grad.clone() for n, p in trainer.model.named_parameters()}
         result["params"] = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
         # A NaN on rank 1 only: both processes must stop at the same step.
@@ -70,7 +70,7 @@ def _ddp_worker(rank: int, port: int, tmp: str) -> None:
         if rank == 1:
             bad[0] = float("nan")
         try:
-            trainer.step(bad, targets[own])
+            trainer.run_step(bad, targets[own])
         except NonFiniteLossError as err:
             result["nan"] = str(err)
         try:
@@ -114,7 +114,7 @@ def test_ddp_gradients_match_one_process_on_the_whole_batch(tmp_path):
     assert not (tmp_path / "rank1").exists()
     # The NaN of rank 1 stopped both at the same step.
     assert results[0]["nan"] == results[1]["nan"]
-    assert "the training loss is nan at iteration 1" in results[0]["nan"]
+    assert "the training loss is nan at iteration 2" in results[0]["nan"]  # after one good step
     assert "SyncBatchNorm has no CPU version" in results[0]["sync_bn"]
 
 
@@ -228,8 +228,8 @@ def test_channels_last_trains_the_same_network(tmp_path):
     )
     convs = [p for p in nhwc.model.parameters() if p.dim() == 4]
     assert convs and all(p.is_contiguous(memory_format=torch.channels_last) for p in convs)
-    assert nhwc.step(images[:2], targets[:2]) == pytest.approx(
-        nchw.step(images[:2], targets[:2]), rel=1e-5
+    assert nhwc.run_step(images[:2], targets[:2]) == pytest.approx(
+        nchw.run_step(images[:2], targets[:2]), rel=1e-5
     )
     for p, q in zip(nchw.model.parameters(), nhwc.model.parameters()):
         torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-6)

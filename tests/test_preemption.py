@@ -17,7 +17,8 @@ from conftest import SCRIPTS
 from test_resume import NUM_CLASSES, one_thread, tiny_trainer  # noqa: F401 - fixture
 from torch.utils.data import Dataset
 
-from fcnseg.engine.trainer import NonFiniteLossError, _StopSignals
+from fcnseg.engine.preemption import StopSignals
+from fcnseg.engine.trainer import NonFiniteLossError
 from fcnseg.utils.checkpoint import load_checkpoint
 
 # A few seconds of training on 32-px crops; the caller adds max_iters and the run directory.
@@ -99,11 +100,11 @@ def test_non_finite_weights_are_never_saved(tmp_path):
 
 def test_a_repeated_signal_is_one_request_and_a_late_one_aborts():
     log = logging.getLogger("test_preemption")
-    with _StopSignals(log, repeat_window=60) as signals:
+    with StopSignals(log, repeat_window=60) as signals:
         os.kill(os.getpid(), signal.SIGINT)
         os.kill(os.getpid(), signal.SIGINT)  # torchrun forwarding the terminal's Ctrl-C
         assert signals.received == signal.SIGINT
-    with pytest.raises(KeyboardInterrupt), _StopSignals(log, repeat_window=0) as signals:
+    with pytest.raises(KeyboardInterrupt), StopSignals(log, repeat_window=0) as signals:
         os.kill(os.getpid(), signal.SIGINT)
         time.sleep(0.01)
         os.kill(os.getpid(), signal.SIGINT)  # a second Ctrl-C, later: Python's default

@@ -11,7 +11,10 @@ import torch
 from torch.utils.data import Dataset
 
 from fcnseg.data import SyntheticShapes, build_transforms
-from fcnseg.engine.trainer import Trainer, TrainingInterrupted, seed_everything
+from fcnseg.engine.loss import SegLoss
+from fcnseg.engine.runtime import seed_everything
+from fcnseg.engine.settings import TrainSettings
+from fcnseg.engine.trainer import Trainer, TrainingInterrupted
 from fcnseg.errors import UserError
 from fcnseg.models import build_model
 from fcnseg.models.backbones import vgg_tiny
@@ -65,6 +68,7 @@ def tiny_trainer(
         transform=build_transforms(train=False),
     )
     return Trainer(
+        TrainSettings(**settings),
         model=model,
         train_set=train_set,
         val_set=val_set,
@@ -72,10 +76,10 @@ def tiny_trainer(
         scheduler=functools.partial(
             torch.optim.lr_scheduler.PolynomialLR, total_iters=settings["max_iters"]
         ),
+        loss=SegLoss(),
         run_dir=run_dir,
         config={"test": True},
         class_names=[f"c{i}" for i in range(NUM_CLASSES)],
-        **settings,
     )
 
 
@@ -170,14 +174,13 @@ def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, case):
 def test_the_fp16_gradient_scaler_state_is_checkpointed(tmp_path):
     trainer = tiny_trainer(tmp_path, amp="fp16")
     images, targets = torch.randn(2, 3, 32, 32), torch.randint(0, NUM_CLASSES, (2, 32, 32))
-    trainer.scaler.load_state_dict(
-        {**trainer.scaler.state_dict(), "scale": 1024.0, "_growth_tracker": 5}
-    )
-    trainer.step(images, targets)  # a finite step at scale 1024 grows the tracker to 6
-    expected = trainer.scaler.state_dict()
+    scaler = trainer.step.scaler
+    scaler.load_state_dict({**scaler.state_dict(), "scale": 1024.0, "_growth_tracker": 5})
+    trainer.run_step(images, targets)  # a finite step at scale 1024 grows the tracker to 6
+    expected = scaler.state_dict()
     assert expected["_growth_tracker"] == 6
     trainer.save("last.pt")
-    assert tiny_trainer(tmp_path, amp="fp16", resume=True).scaler.state_dict() == expected
+    assert tiny_trainer(tmp_path, amp="fp16", resume=True).step.scaler.state_dict() == expected
 
 
 def test_resume_true_needs_the_runs_last_checkpoint(tmp_path):

@@ -260,12 +260,12 @@ def test_a_full_disk_while_saving_names_the_file_and_keeps_the_previous_one(tmp_
 
 def test_checkpoint_size_estimate_covers_the_optimizer_state(tmp_path, finished_run):
     """The estimate that the room check uses is at least the size of a real checkpoint."""
-    from fcnseg.engine.trainer import _checkpoint_bytes
+    from fcnseg.engine.run_dir import checkpoint_size
 
     ckpt = torch.load(finished_run / "checkpoints/last.pt", weights_only=True)
     model = torch.nn.ParameterList(
         [torch.nn.Parameter(t.float()) for t in ckpt["model"].values() if t.is_floating_point()]
     )
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)  # the default recipe's
-    estimate = _checkpoint_bytes(optimizer)
+    estimate = checkpoint_size(optimizer)
     assert estimate >= 0.9 * _checkpoint_size(finished_run)

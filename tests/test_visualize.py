@@ -12,6 +12,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch.utils.tensorboard import SummaryWriter
 
 from fcnseg.data import SyntheticShapes, build_transforms
+from fcnseg.engine.loss import SegLoss
+from fcnseg.engine.settings import TrainSettings
 from fcnseg.engine.trainer import Trainer
 from fcnseg.metrics import SegMetrics
 from fcnseg.models.builder import build_model_from_config
@@ -123,6 +125,9 @@ def test_training_tensorboard_has_the_figures(tmp_path):
     builder = {k: v for k, v in ds["builder"].items() if not k.startswith("_")}
     tf = build_transforms(train=False, normalize=ds["normalize"])
     trainer = Trainer(
+        TrainSettings(
+            max_iters=1, eval_interval=1, batch_size=2, num_workers=0, device="cpu", num_vis=2
+        ),
         model=build_model_from_config(config),
         train_set=SyntheticShapes(
             split="train", transform=build_transforms(train=True, crop_size=32), **builder
@@ -133,12 +138,7 @@ def test_training_tensorboard_has_the_figures(tmp_path):
         run_dir=tmp_path,
         config=config,
         class_names=ds["class_names"],
-        max_iters=1,
-        eval_interval=1,
-        batch_size=2,
-        num_workers=0,
-        device="cpu",
-        num_vis=2,
+        loss=SegLoss(),
     )
     trainer.fit()
     acc = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"images": 0})

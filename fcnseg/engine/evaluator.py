@@ -19,8 +19,9 @@ from torch.utils.data import Dataset, SequentialSampler
 
 from fcnseg.data.loader import InferenceSampler, eval_loader
 from fcnseg.engine.inference import Inference
+from fcnseg.engine.runtime import Runtime
 from fcnseg.metrics import SegMetrics
-from fcnseg.utils.distributed import all_reduce_sum, get_info, init_distributed, resolve_device
+from fcnseg.utils.distributed import all_reduce_sum, get_info
 from fcnseg.utils.logging import get_logger, progress
 
 PredictionSink = Callable[[int, torch.Tensor], None]
@@ -163,7 +164,8 @@ def run_evaluation(
         device: ``auto``, ``cpu`` or ``cuda``.
         amp: ``none``, ``bf16`` or ``fp16`` autocast for the forward passes.
         num_workers: loader processes.
-        on_prediction: ``(index, labels)`` callback, e.g. ``fcnseg.utils.export.PredictionWriter``.
+        on_prediction: ``(index, labels)`` callback, e.g.
+            ``fcnseg.data.predictions.PredictionWriter``.
         tensorboard_dir: write scalars, table, image grid and figures here.
         tensorboard_prefix: their tag prefix.
         step: their global step (the checkpoint's iteration).
@@ -175,15 +177,8 @@ def run_evaluation(
     Returns:
         ``SegMetrics.compute()`` of the whole dataset.
     """
-    from fcnseg.engine.trainer import AMP_DTYPES  # the trainer imports this module
-    from fcnseg.errors import UserError
-
-    if amp not in AMP_DTYPES:
-        raise UserError(f"trainer.amp={amp!r} is not one of {sorted(AMP_DTYPES)}")
-    dev = resolve_device(device)
-    dist = init_distributed(dev)
-    if dist.enabled and dev.type == "cuda":
-        dev = resolve_device(device, dist.local_rank)
+    runtime = Runtime.setup(device, amp=amp)
+    dev, dist = runtime.device, runtime.dist
     model.to(dev)
     loader = eval_loader(
         dataset,
@@ -194,8 +189,7 @@ def run_evaluation(
         ignore_index=ignore_index,
         pin_memory=dev.type == "cuda",
     )
-    dtype = AMP_DTYPES[amp]
-    autocast = torch.autocast(dev.type, dtype=dtype, enabled=dtype is not None)
+    autocast = runtime.autocast()
     get_logger().info(
         "evaluating %d images on %s x %d process(es) with %s",
         len(dataset),

@@ -8,10 +8,13 @@ trainable parameters, gets an optimizer with a weights group and a biases group.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
+
+from fcnseg.errors import UserError
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
 
@@ -62,3 +65,18 @@ def with_param_groups(
         return opt
 
     return build
+
+
+def build_optimizer(optimizer: OptimizerFactory, model: nn.Module) -> torch.optim.Optimizer:
+    """``optimizer`` over ``model``'s trainable parameters; invalid settings are one sentence."""
+    try:
+        built = optimizer([p for p in model.parameters() if p.requires_grad])
+    except ValueError as err:  # torch's own checks: "Invalid learning rate: -1.0"
+        raise UserError(f"the optimizer refused its settings (optimizer.*): {err}") from err
+    for group in built.param_groups:  # SGD lets a NaN learning rate through
+        if not 0 <= float(group["lr"]) < math.inf:
+            raise UserError(
+                f"the optimizer refused its settings (optimizer.*): Invalid learning rate: "
+                f"{group['lr']}"
+            )
+    return built

@@ -13,8 +13,8 @@ from torch import nn
 from fcnseg.data.io import read_image
 from fcnseg.data.transforms import build_transforms
 from fcnseg.engine.inference import Inference
+from fcnseg.engine.runtime import Runtime
 from fcnseg.errors import UserError
-from fcnseg.utils.distributed import resolve_device
 from fcnseg.utils.export import check_output_dir, list_images, save_label_png
 from fcnseg.utils.logging import progress
 from fcnseg.utils.visualize import Palette, overlay
@@ -77,7 +77,7 @@ def predict_images(
     files = check_prediction_paths(source, output_dir, overwrite=overwrite)
     root = Path(source) if Path(source).is_dir() else Path(source).parent
     out = Path(output_dir)
-    dev = resolve_device(device)
+    dev = Runtime.setup(device, distributed=False).device
     model.to(dev).eval()
     transform = build_transforms(train=False, normalize=normalize)
     # Check every output name before predicting anything: a.png and a.jpg would collide.

@@ -21,6 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
+
 from fcnseg.errors import UserError
 
 LOCK_NAME = ".lock"
@@ -172,3 +174,13 @@ def check_room(folder: Path, needed: int) -> None:
             f"no space left for checkpoints in {folder}: one needs ~{needed / 2**20:.0f} MB, "
             f"{free / 2**20:.0f} MB are free"
         )
+
+
+def checkpoint_size(optimizer: torch.optim.Optimizer) -> int:
+    """An estimate of a checkpoint's bytes: the weights and the optimizer's per-weight buffers
+    (momentum: one; Adam's moments: two), which exist only after the first step."""
+    weights, slots = 0, 0
+    for group in optimizer.param_groups:
+        weights += sum(p.numel() * p.element_size() for p in group["params"])
+        slots = max(slots, 2 if "betas" in group else int(bool(group.get("momentum", 0))))
+    return weights * (1 + slots)

@@ -85,6 +85,12 @@ class TrainStep:
         self.runtime, self.accumulate, self.keep_buffers = runtime, accumulate, keep_buffers
         self.forward = runtime.compiled(module)
         self.scaler = runtime.grad_scaler()
+        if runtime.amp == "fp16" and loss.reduction == "sum":
+            get_logger().warning(
+                "trainer.amp=fp16 with loss.reduction=sum: a loss summed over every pixel has "
+                "gradients that can exceed fp16's range (65504); the paper's summed-loss recipe "
+                "trains in fp32"
+            )
         self.benchmark = cudnn_benchmark and runtime.device.type == "cuda"
         if self.benchmark:
             torch.backends.cudnn.benchmark = True

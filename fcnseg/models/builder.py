@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -82,7 +83,15 @@ def _backbone_for_head(
                 f"head {head_name} needs a backbone built with {wanted}, which {backbone_name} "
                 f"cannot build; use a VGG backbone (vgg16_bn, vgg16, vgg_tiny)"
             )
-    return backbone(**needs)
+    try:
+        return backbone(**needs)
+    except TypeError as err:  # a misspelt option (``+backbone.widht=3``) reaches a constructor
+        unknown = re.search(r"unexpected keyword argument '(\w+)'", str(err))
+        if unknown is None:
+            raise
+        raise UserError(
+            f"backbone.{unknown.group(1)} is not an option of backbone {backbone_name}"
+        ) from err
 
 
 def build_model_from_config(config: Mapping[str, Any]) -> SegmentationModel:

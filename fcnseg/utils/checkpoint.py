@@ -7,9 +7,11 @@ moment leaves either the previous file or the new one, never a torn one.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import pickle
 import random
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -27,11 +29,16 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
     renamed over ``path`` (an atomic step on POSIX file systems): a reader, or a process killed at
     any moment, sees the previous checkpoint or the new one. Temporary files that a killed save
     left behind are removed by the next save of the same name.
+
+    Raises:
+        UserError: the file could not be written (a full disk, a read-only folder); the message
+            names the file, the reason, and says that the previous file is intact.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "wb") as f:
             # mkstemp makes the file private (0600); give it the mode any new file would get.
             os.fchmod(f.fileno(), 0o666 & ~_umask())
@@ -39,9 +46,12 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
+    except BaseException as err:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+        if isinstance(err, OSError | RuntimeError):  # torch.save's writer raises RuntimeError
+            raise UserError(_save_failure(state, path, err)) from err
         raise
     with contextlib.suppress(OSError):  # make the rename itself durable
         dir_fd = os.open(path.parent, os.O_RDONLY)
@@ -52,6 +62,32 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
     for stale in path.parent.glob(f".{path.name}.*.tmp"):
         with contextlib.suppress(OSError):
             stale.unlink()
+
+
+def _save_failure(state: Any, path: Path, err: BaseException) -> str:
+    kept = f"the previous {path.name} is intact" if path.is_file() else "nothing was written"
+    needed = sum(t.numel() * t.element_size() for t in _tensors(state))
+    try:
+        free = shutil.disk_usage(path.parent).free
+    except OSError:
+        free = None
+    if getattr(err, "errno", None) == errno.ENOSPC or (free is not None and free < needed):
+        free_mb = "?" if free is None else f"{free / 2**20:.0f}"
+        why = f"no space left on device: needs ~{needed / 2**20:.0f} MB, {free_mb} MB free"
+    else:
+        why = getattr(err, "strerror", None) or " ".join(str(err).split())[:200]
+    return f"cannot write checkpoint {path} ({why}); {kept}"
+
+
+def _tensors(value: Any):
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _tensors(item)
+    elif isinstance(value, list | tuple):
+        for item in value:
+            yield from _tensors(item)
 
 
 def _umask() -> int:

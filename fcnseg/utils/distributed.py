@@ -12,7 +12,7 @@ import contextlib
 import os
 import shlex
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -142,9 +142,23 @@ def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
             dist.broadcast(buffer.data, src=src)
 
 
-def barrier() -> None:
-    if _active():
-        dist.barrier()
+def on_main(work: Callable[[], Any]) -> Any:
+    """Runs ``work`` on rank 0 only; a ``UserError`` it raises is raised on every process.
+
+    For checks and writes that one process makes for all: the others would otherwise wait for
+    rank 0 in the next collective while it fails alone. Returns rank 0's result (``None``
+    elsewhere).
+    """
+    result, message = None, None
+    if get_info().is_main:
+        try:
+            result = work()
+        except UserError as err:
+            message = str(err)
+    message = broadcast_object(message)
+    if message is not None:
+        raise UserError(message)
+    return result
 
 
 def cleanup() -> None:

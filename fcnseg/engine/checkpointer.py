@@ -1,0 +1,61 @@
+"""Continuing a run: which checkpoint to resume from, and its state put back."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from fcnseg.errors import UserError
+from fcnseg.utils.checkpoint import error_summary, load_checkpoint
+
+
+def resume_path(last: Path, resume: bool | str) -> Path | None:
+    """The checkpoint that ``trainer.resume`` names, or ``None`` to start a new run.
+
+    Args:
+        last: the run directory's ``checkpoints/last.pt``.
+        resume: ``True`` (``last``, which must exist), ``"auto"`` (``last`` when it exists:
+            for jobs that a scheduler requeues with the same command) or a checkpoint path.
+    """
+    if resume == "auto":
+        return last if last.is_file() else None
+    if resume is True:
+        if not last.is_file():
+            raise UserError(
+                f"trainer.resume=true continues from {last}, which does not exist; give the "
+                f"interrupted run's directory (hydra.run.dir=...) or a checkpoint "
+                f"(trainer.resume=PATH)"
+            )
+        return last
+    return Path(resume)
+
+
+def restore(
+    path: Path,
+    *,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    scaler: torch.amp.GradScaler,
+) -> dict[str, Any]:
+    """Loads ``path``'s weights, optimizer, schedule and gradient scaler; returns the checkpoint.
+
+    Raises:
+        UserError: the file is not a readable checkpoint, or does not fit the model or the
+            optimizer (the message names the first mismatched entry).
+    """
+    ckpt = load_checkpoint(path, map_location="cpu")
+    try:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+    except (KeyError, RuntimeError, ValueError) as err:
+        raise UserError(
+            f"checkpoint {path} does not fit this run's model or optimizer ({error_summary(err)})"
+        ) from err
+    if scaler.is_enabled() and ckpt.get("scaler"):
+        scaler.load_state_dict(ckpt["scaler"])
+    return ckpt

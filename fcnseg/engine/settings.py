@@ -1,0 +1,86 @@
+"""The settings of a training run: the ``trainer:`` config group, checked once."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+from fcnseg.errors import UserError
+
+NAN_POLICIES = ("stop", "skip")
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """How long, how big, where and how precisely a run trains (``configs/trainer/*.yaml``).
+
+    Attributes:
+        max_iters: number of optimizer steps.
+        eval_interval: evaluate (and save ``best.pt``) every this many steps and at the end.
+        log_interval: log the loss every this many steps.
+        checkpoint_interval: save ``last.pt`` every this many steps (and at each evaluation).
+        batch_size: images per process per forward pass (micro-batch).
+        accumulate: micro-batches whose gradients are summed before each optimizer step.
+        eval_batch_size: images per process per evaluation batch (1 scores each image alone).
+        num_workers: loader processes per training process.
+        device: ``auto``, ``cpu`` or ``cuda``.
+        seed: seeds the initial weights, dropout, data order and augmentation.
+        resume: ``False``; ``True`` (``run_dir/checkpoints/last.pt``, which must exist);
+            ``"auto"`` (that file when it exists, else a new run: for jobs that a scheduler
+            requeues with the same command); or a checkpoint path.
+        overwrite: start a new run in a run directory that holds another run's checkpoints
+            (refused otherwise, unless ``resume`` continues that run).
+        amp: ``none``, ``bf16`` or ``fp16`` (with a gradient scaler) autocast.
+        sync_bn: SyncBatchNorm across processes (CUDA only; one process needs none).
+        channels_last: NHWC memory layout for the model and its inputs.
+        compile: ``torch.compile`` the training forward: false, true or a compile mode.
+        cudnn_benchmark: let cuDNN autotune convolutions for the fixed training crop size.
+        nan_policy: on a non-finite loss, ``stop`` (raise ``NonFiniteLossError``) or ``skip``
+            the update (counted as ``skipped_steps``).
+        num_vis: images shown in TensorBoard at each evaluation.
+    """
+
+    max_iters: int = 1000
+    eval_interval: int = 500
+    log_interval: int = 20
+    checkpoint_interval: int = 500
+    batch_size: int = 8
+    accumulate: int = 1
+    eval_batch_size: int = 1
+    num_workers: int = 2
+    device: str = "auto"
+    seed: int = 0
+    resume: bool | str = False
+    overwrite: bool = False
+    amp: str = "none"
+    sync_bn: bool = False
+    channels_last: bool = False
+    compile: bool | str = False
+    cudnn_benchmark: bool = True
+    nan_policy: str = "stop"
+    num_vis: int = 4
+
+    def __post_init__(self) -> None:
+        minimum = {
+            "max_iters": 1, "eval_interval": 1, "log_interval": 1, "checkpoint_interval": 1,
+            "batch_size": 1, "accumulate": 1, "eval_batch_size": 1, "num_workers": 0,
+            "num_vis": 0, "seed": 0,
+        }  # fmt: skip
+        for key, least in minimum.items():
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise UserError(f"trainer.{key}={value!r} is not a whole number")
+            if value < least:
+                raise UserError(f"trainer.{key}={value} must be at least {least}")
+        for key in ("overwrite", "sync_bn", "channels_last", "cudnn_benchmark"):
+            if not isinstance(getattr(self, key), bool):
+                raise UserError(f"trainer.{key}={getattr(self, key)!r} is not true or false")
+        if self.nan_policy not in NAN_POLICIES:
+            raise UserError(f"trainer.nan_policy={self.nan_policy!r} is not one of stop, skip")
+        if isinstance(self.resume, Path):
+            object.__setattr__(self, "resume", str(self.resume))
+
+    @classmethod
+    def keys(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
