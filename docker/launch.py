@@ -212,7 +212,10 @@ def plan(
             f"--master_port={master_port}",
         ]
 
-    if command == "train" and _override(overrides, "hydra.run.dir") is None:
+    # A preset names its own run directory under paths.outputs (FCNSEG_OUTPUT_DIR), where the
+    # next stage of a staged recipe finds it; RUN_NAME still wins.
+    preset = _override(overrides, "experiment") is not None and not env.get("RUN_NAME", "").strip()
+    if command == "train" and _override(overrides, "hydra.run.dir") is None and not preset:
         run_name = env.get("RUN_NAME", "").strip()
         if nnodes > 1 and not run_name:
             raise UserError(

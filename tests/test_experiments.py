@@ -115,6 +115,20 @@ def test_paper_recipe(preset):
     assert cfg.hydra.run.dir == f"outputs/{preset}"
 
 
+def test_presets_find_data_and_earlier_stages_under_the_paths_group(monkeypatch):
+    """In a container (FCNSEG_OUTPUT_DIR=/outputs, data at FCNSEG_DATA_DIR), a staged preset
+    reads the previous stage's run from the same output folder it writes its own run to."""
+    monkeypatch.setenv("FCNSEG_OUTPUT_DIR", "/outputs")
+    monkeypatch.setenv("FCNSEG_DATA_DIR", "/mnt/datasets")
+    cfg = _compose(["experiment=voc_fcn8s"])
+    assert cfg.model.init_from == "/outputs/voc_fcn16s/checkpoints/last.pt"
+    assert cfg.hydra.run.dir == "/outputs/voc_fcn8s"
+    assert cfg.dataset.root == "/mnt/datasets"
+    assert _compose(["experiment=segnet_camvid"]).dataset.root == "/mnt/datasets/CamVid"
+    plain = _compose([])
+    assert plain.hydra.run.dir.startswith("/outputs/") and plain.dataset.root is None
+
+
 def test_staged_presets_train_from_each_other(tmp_path, monkeypatch):
     """voc_fcn32s -> voc_fcn16s -> voc_fcn8s with the presets' own directories and init paths."""
     monkeypatch.chdir(tmp_path)

@@ -114,6 +114,9 @@ def test_run_directory_comes_from_the_output_dir_and_run_name():
     assert got.argv[-1] == "hydra.run.dir=/outputs/voc-fcn8s"
     got = plan(["train", "hydra.run.dir=/elsewhere"], {"RUN_NAME": "ignored"}, gpus=1)
     assert [a for a in got.argv if a.startswith("hydra.run.dir=")] == ["hydra.run.dir=/elsewhere"]
+    # A preset's own directory (under paths.outputs) is where its next stage looks for it.
+    got = plan(["train", "experiment=voc_fcn16s"], {"FCNSEG_OUTPUT_DIR": "/outputs"}, gpus=1)
+    assert not [a for a in got.argv if a.startswith("hydra.run.dir=")]
 
 
 def test_empty_variables_count_as_unset():
