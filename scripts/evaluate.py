@@ -18,8 +18,7 @@ from fcnseg.engine.evaluator import evaluation_dataset, run_evaluation
 from fcnseg.engine.inference import Inference
 from fcnseg.errors import UserError
 from fcnseg.metrics import format_table
-from fcnseg.models.builder import build_model_from_config
-from fcnseg.utils.checkpoint import load_checkpoint
+from fcnseg.models.builder import load_trained
 from fcnseg.utils.cli import user_errors
 from fcnseg.utils.distributed import cleanup, get_info
 from fcnseg.utils.export import check_evaluation_outputs
@@ -32,12 +31,7 @@ def main(cfg: DictConfig) -> None:
         setup_logging()
         if cfg.checkpoint is None:
             raise UserError("checkpoint=PATH is required: the checkpoint file to evaluate")
-        ckpt = load_checkpoint(cfg.checkpoint)
-        if not isinstance(ckpt.get("config"), dict) or "dataset" not in ckpt["config"]:
-            raise UserError(
-                f"checkpoint {cfg.checkpoint} has no 'config' entry with the training "
-                "configuration; it is not an fcnseg training checkpoint"
-            )
+        model, ckpt = load_trained(cfg.checkpoint)
         trained = ckpt["config"]["dataset"]
         chosen = HydraConfig.get().runtime.choices.get("dataset") not in (None, "null")
         ds = evaluation_dataset(
@@ -56,8 +50,6 @@ def main(cfg: DictConfig) -> None:
             e.save_predictions, dataset=dataset, format=e.format, colors=ds.get("palette"),
             overwrite=e.overwrite,
         )  # fmt: skip
-        model = build_model_from_config(ckpt["config"])
-        model.load_state_dict(ckpt["model"])
         metrics = run_evaluation(
             model,
             dataset,

@@ -10,8 +10,7 @@ from omegaconf import DictConfig
 from fcnseg.engine.inference import Inference
 from fcnseg.engine.predictor import check_prediction_paths, predict_images
 from fcnseg.errors import UserError
-from fcnseg.models.builder import build_model_from_config
-from fcnseg.utils.checkpoint import load_checkpoint
+from fcnseg.models.builder import load_trained
 from fcnseg.utils.cli import user_errors
 
 
@@ -25,14 +24,7 @@ def main(cfg: DictConfig) -> None:
                 )
         # Before the checkpoint is read: a refused output folder costs the user nothing.
         check_prediction_paths(cfg.input, cfg.output, overwrite=cfg.overwrite)
-        ckpt = load_checkpoint(cfg.checkpoint)
-        if not isinstance(ckpt.get("config"), dict) or "dataset" not in ckpt["config"]:
-            raise UserError(
-                f"checkpoint {cfg.checkpoint} has no 'config' entry with the training "
-                "configuration; it is not an fcnseg training checkpoint"
-            )
-        model = build_model_from_config(ckpt["config"])
-        model.load_state_dict(ckpt["model"])
+        model, ckpt = load_trained(cfg.checkpoint)
         ds = ckpt["config"]["dataset"]
         written = predict_images(
             model,

@@ -11,7 +11,6 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from fcnseg.data import build_transforms
 from fcnseg.data.class_weights import resolve_class_weights
 from fcnseg.engine.loss import SegLoss
 from fcnseg.engine.optim import with_param_groups
@@ -32,13 +31,8 @@ def main(cfg: DictConfig) -> None:
         settings = instantiate(cfg.trainer)
         seed_everything(settings.seed)  # the initial weights follow the run's seed
         ds = cfg.dataset
-        make_dataset = instantiate(ds.builder)
-        augment = dict(normalize=ds.normalize, ignore_index=ds.ignore_index)
-        train_tf = build_transforms(
-            train=True, crop_size=ds.crop_size, scale_range=ds.scale_range, hflip=ds.hflip,
-            color_jitter=ds.color_jitter, **augment,
-        )  # fmt: skip
-        train_set = make_dataset(split=ds.train_split, transform=train_tf)
+        make_dataset, make_transform = instantiate(ds.builder), instantiate(ds.transform)
+        train_set = make_dataset(split=ds.train_split, transform=make_transform(train=True))
         class_weights = resolve_class_weights(
             OmegaConf.to_container(cfg.loss, resolve=True)["class_weights"], dataset=train_set,
             num_classes=ds.num_classes, ignore_index=ds.ignore_index,
@@ -55,9 +49,7 @@ def main(cfg: DictConfig) -> None:
             settings,
             model=model,
             train_set=train_set,
-            val_set=make_dataset(
-                split=ds.val_split, transform=build_transforms(train=False, **augment)
-            ),
+            val_set=make_dataset(split=ds.val_split, transform=make_transform(train=False)),
             optimizer=with_param_groups(instantiate(cfg.optimizer), model, **cfg.param_groups),
             scheduler=instantiate(cfg.scheduler),
             loss=SegLoss(

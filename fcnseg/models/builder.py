@@ -14,6 +14,7 @@ from torch import nn
 from fcnseg.errors import UserError
 from fcnseg.models import backbones, heads
 from fcnseg.models.segmentation import SegmentationModel
+from fcnseg.utils.checkpoint import error_summary, load_checkpoint
 
 
 def build_model(
@@ -127,12 +128,34 @@ def build_model_from_config(config: Mapping[str, Any]) -> SegmentationModel:
 
 def load_model(checkpoint_path: str | Path, map_location: str = "cpu") -> SegmentationModel:
     """Rebuilds a trained model from a checkpoint file alone, in eval mode."""
-    from fcnseg.utils.checkpoint import load_checkpoint
+    return load_trained(checkpoint_path, map_location)[0]
 
+
+def load_trained(
+    checkpoint_path: str | Path, map_location: str = "cpu"
+) -> tuple[SegmentationModel, dict[str, Any]]:
+    """The trained model (in eval mode) and its checkpoint: the training ``config`` (dataset,
+    classes, normalisation), ``iteration``, ``best_miou``.
+
+    Raises:
+        UserError: the file is not a readable checkpoint, or not one that training wrote.
+    """
     ckpt = load_checkpoint(checkpoint_path, map_location=map_location)
-    model = build_model_from_config(ckpt["config"])
-    model.load_state_dict(ckpt["model"])
-    return model.eval()
+    config = ckpt.get("config")
+    if not isinstance(config, dict) or "dataset" not in config:
+        raise UserError(
+            f"checkpoint {checkpoint_path} has no 'config' entry with the training "
+            "configuration; it is not an fcnseg training checkpoint"
+        )
+    model = build_model_from_config(config)
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as err:
+        raise UserError(
+            f"checkpoint {checkpoint_path}'s weights do not fit the model its config describes "
+            f"({error_summary(err)})"
+        ) from err
+    return model.eval(), ckpt
 
 
 def _unwrap(fn: Callable) -> Callable:
