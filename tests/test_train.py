@@ -28,6 +28,20 @@ def test_run_directory_layout(run_dir):
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
 
 
+def test_best_checkpoint_holds_the_model_not_the_optimizer(run_dir):
+    best = torch.load(run_dir / "checkpoints" / "best.pt", weights_only=True)
+    last = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
+    assert set(best) == {"model", "config", "iteration", "best_miou"}
+    for key, value in best["model"].items():  # the same weights (2 iterations, one evaluation)
+        torch.testing.assert_close(value, last["model"][key], rtol=0, atol=0)
+    assert best["best_miou"] == json.loads((run_dir / "metrics.json").read_text())["miou"]
+    proc = run_script(
+        "train.py", *TINY_RUN, f"trainer.resume={run_dir / 'checkpoints' / 'best.pt'}",
+        f"hydra.run.dir={run_dir.parent / 'from_best'}",
+    )  # fmt: skip
+    assert proc.returncode == 2 and "holds the weights only" in proc.stderr
+
+
 def test_checkpoint_is_plain_data(run_dir):
     ckpt = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
     assert ckpt["iteration"] == 2

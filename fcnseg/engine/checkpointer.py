@@ -48,6 +48,12 @@ def restore(
             optimizer (the message names the first mismatched entry).
     """
     ckpt = load_checkpoint(path, map_location="cpu")
+    if "optimizer" not in ckpt:
+        raise UserError(
+            f"checkpoint {path} holds the weights only (as best.pt does), not a run to continue; "
+            f"resume from the run's last.pt, or start a new run from these weights with "
+            f"model.init_from={path}"
+        )
     try:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])

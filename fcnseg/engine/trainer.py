@@ -60,6 +60,12 @@ from fcnseg.utils.visualize import log_evaluation
 
 __all__ = ["NonFiniteLossError", "Trainer", "TrainingInterrupted", "TrainSettings"]
 
+BEST = "best.pt"
+# best.pt is for evaluation, prediction and staged training (model.init_from): the weights and
+# what they were trained with. The optimizer state (as large again as the weights with SGD
+# momentum, twice with Adam) stays in last.pt, from which a run continues.
+BEST_KEYS = ("model", "config", "iteration", "best_miou")
+
 
 class Trainer:
     """Trains ``model`` on ``train_set`` and evaluates it on ``val_set`` every ``eval_interval``.
@@ -291,6 +297,8 @@ class Trainer:
             )
         state = self.state_dict()
         state["rng"] = all_gather_object(rng_state())
+        if name == BEST:  # the model to use, not a run to continue: no optimizer state
+            state = {key: state[key] for key in BEST_KEYS}
         on_main(lambda: save_checkpoint(state, path))
         if name == "last.pt":
             self._last_saved = self.iteration
@@ -398,7 +406,7 @@ class Trainer:
             (self.run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
         if metrics["miou"] > self.best_miou:
             self.best_miou = metrics["miou"]
-            self.save("best.pt")
+            self.save(BEST)
         self.save("last.pt")
 
     def _interrupted(self) -> TrainingInterrupted:
