@@ -1,4 +1,4 @@
-"""Continuing a run: which checkpoint to resume from, and its state put back."""
+"""A run's checkpoints: writing them, choosing the one to resume from, putting its state back."""
 
 from __future__ import annotations
 
@@ -8,8 +8,35 @@ from typing import Any
 import torch
 from torch import nn
 
+from fcnseg.engine.step import NonFiniteLossError
 from fcnseg.errors import UserError
-from fcnseg.utils.checkpoint import error_summary, load_checkpoint
+from fcnseg.utils.checkpoint import error_summary, load_checkpoint, rng_state, save_checkpoint
+from fcnseg.utils.distributed import all_gather_object, on_main
+
+# best.pt is for evaluation, prediction and staged training (model.init_from): the weights and
+# what they were trained with. The optimizer state (as large again as the weights with SGD
+# momentum, twice with Adam) stays in last.pt, from which a run continues.
+BEST_KEYS = ("model", "config", "iteration", "best_miou")
+
+
+def write_checkpoint(state: dict[str, Any], path: Path) -> Path:
+    """Writes a training ``state`` (``Trainer.state_dict``) to ``path`` from rank 0.
+
+    Every process must call it: each one's random generator states go into the file. Weights
+    that are not finite are never written (the previous file stays); ``best.pt`` gets the
+    ``BEST_KEYS`` only.
+    """
+    finite = [t.isfinite().all() for t in state["model"].values() if t.is_floating_point()]
+    if finite and not bool(torch.stack(finite).all()):
+        raise NonFiniteLossError(
+            f"the weights are not finite at iteration {state['iteration']}; {path} was left as "
+            f"it was"
+        )
+    state = {**state, "rng": all_gather_object(rng_state())}
+    if path.name == "best.pt":
+        state = {key: state[key] for key in BEST_KEYS}
+    on_main(lambda: save_checkpoint(state, path))
+    return path
 
 
 def resume_path(last: Path, resume: bool | str) -> Path | None:

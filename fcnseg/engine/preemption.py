@@ -35,6 +35,20 @@ class TrainingInterrupted(Exception):
         super().__init__(message)
         self.signum, self.iteration, self.checkpoint = signum, iteration, checkpoint
 
+    @classmethod
+    def after(
+        cls, received: int | None, *, iteration: int, max_iters: int, checkpoint: Path, resume: str
+    ) -> TrainingInterrupted:
+        """The stop after ``iteration``, caused by signal ``received`` (``None``: another
+        process's), whose message says how to ``resume``."""
+        cause = signal.Signals(received).name if received else "a stop signal to another process"
+        message = (
+            f"training stopped by {cause} after iteration {iteration}/{max_iters}; {checkpoint} "
+            f"holds it. Resume with:\n  {resume}"
+        )
+        signum = int(received or signal.SIGTERM)
+        return cls(message, signum=signum, iteration=iteration, checkpoint=checkpoint)
+
     @property
     def exit_code(self) -> int:
         """The shell's status for death by this signal: 143 for SIGTERM, 130 for SIGINT."""

@@ -22,8 +22,8 @@ before the run is accepted there.
 
 from __future__ import annotations
 
+import itertools
 import json
-import signal
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
@@ -36,7 +36,7 @@ from torch.utils.data import Dataset
 from torch.utils.tensorboard import SummaryWriter
 
 from fcnseg.data.loader import eval_loader, train_loader
-from fcnseg.engine.checkpointer import restore, resume_path
+from fcnseg.engine.checkpointer import restore, resume_path, write_checkpoint
 from fcnseg.engine.evaluator import evaluate
 from fcnseg.engine.loss import SegLoss
 from fcnseg.engine.optim import build_optimizer
@@ -47,9 +47,8 @@ from fcnseg.engine.settings import TrainSettings
 from fcnseg.engine.step import NonFiniteLossError, TrainStep
 from fcnseg.errors import UserError
 from fcnseg.metrics import SegMetrics
-from fcnseg.utils.checkpoint import rng_state, save_checkpoint, set_rng_state
+from fcnseg.utils.checkpoint import set_rng_state
 from fcnseg.utils.distributed import (
-    all_gather_object,
     all_reduce_sum,
     broadcast_buffers,
     on_main,
@@ -59,12 +58,6 @@ from fcnseg.utils.logging import progress, setup_logging
 from fcnseg.utils.visualize import log_evaluation
 
 __all__ = ["NonFiniteLossError", "Trainer", "TrainingInterrupted", "TrainSettings"]
-
-BEST = "best.pt"
-# best.pt is for evaluation, prediction and staged training (model.init_from): the weights and
-# what they were trained with. The optimizer state (as large again as the weights with SGD
-# momentum, twice with Adam) stays in last.pt, from which a run continues.
-BEST_KEYS = ("model", "config", "iteration", "best_miou")
 
 
 class Trainer:
@@ -282,24 +275,11 @@ class Trainer:
         }
 
     def save(self, name: str) -> Path:
-        """Writes ``run_dir/checkpoints/<name>`` from rank 0 and returns its path.
+        """Writes ``run_dir/checkpoints/<name>`` (``write_checkpoint``) and returns its path.
 
-        Every process must call it: each one's random generator states go into the file. Weights
-        that are not finite are never written (the previous file stays).
+        Every process must call it: each one's random generator states go into the file.
         """
-        path = self.run_dir / "checkpoints" / name
-        tensors = self.model.state_dict().values()
-        finite = [t.isfinite().all() for t in tensors if t.is_floating_point()]
-        if finite and not bool(torch.stack(finite).all()):
-            raise NonFiniteLossError(
-                f"the weights are not finite at iteration {self.iteration}; {path} was left as "
-                f"it was"
-            )
-        state = self.state_dict()
-        state["rng"] = all_gather_object(rng_state())
-        if name == BEST:  # the model to use, not a run to continue: no optimizer state
-            state = {key: state[key] for key in BEST_KEYS}
-        on_main(lambda: save_checkpoint(state, path))
+        path = write_checkpoint(self.state_dict(), self.run_dir / "checkpoints" / name)
         if name == "last.pt":
             self._last_saved = self.iteration
         return path
@@ -389,10 +369,7 @@ class Trainer:
     def _until_stop(self, loader: Iterable) -> Iterator:
         """``loader``'s batches until a stop signal arrives; closing it stops the workers."""
         with iter(loader) as batches:
-            for batch in batches:
-                if self._stop_requested():
-                    return
-                yield batch
+            yield from itertools.takewhile(lambda _: not self._stop_requested(), batches)
 
     def _evaluate_and_save(self) -> None:
         if self._last_saved != self.iteration:  # an evaluation that fails costs no steps
@@ -406,24 +383,19 @@ class Trainer:
             (self.run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
         if metrics["miou"] > self.best_miou:
             self.best_miou = metrics["miou"]
-            self.save(BEST)
+            self.save("best.pt")
         self.save("last.pt")
 
     def _interrupted(self) -> TrainingInterrupted:
         path = self.save("last.pt")
-        received = self._signals.received if self._signals is not None else None
-        signum = received or signal.SIGTERM
-        cause = signal.Signals(received).name if received else "a stop signal to another process"
-        how = self.resume_command or f"trainer.resume=true with run directory {self.run_dir}"
-        message = (
-            f"training stopped by {cause} after iteration {self.iteration}/"
-            f"{self.settings.max_iters}; {path} holds it. Resume with:\n  {how}"
-        )
+        stop = TrainingInterrupted.after(
+            self._signals.received if self._signals is not None else None,
+            iteration=self.iteration, max_iters=self.settings.max_iters, checkpoint=path,
+            resume=self.resume_command or f"trainer.resume=true with run directory {self.run_dir}",
+        )  # fmt: skip
         if self.dist.is_main:
-            self.log.warning(message)
-        return TrainingInterrupted(
-            message, signum=int(signum), iteration=self.iteration, checkpoint=path
-        )
+            self.log.warning(str(stop))
+        return stop
 
     def _announce(self) -> None:
         s, group = self.settings, self.optimizer.param_groups[0]
