@@ -18,6 +18,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from fcnseg.data.base import SegmentationDataset, label_counts
+from fcnseg.data.loader import stop_workers
 from fcnseg.errors import UserError
 from fcnseg.utils.logging import progress
 
@@ -47,20 +48,6 @@ class _SampleStats(Dataset):
         out["label_size"] = tuple(int(s) for s in label.shape[:2])
         out["values"], out["counts"] = label_counts(label)
         return out
-
-
-def shutdown_workers(batches: Any) -> None:
-    """Stops a DataLoader iterator's worker processes now, on every way out of a loop.
-
-    Dropping the iterator is not enough: a traceback that holds the loop's frame keeps it, and
-    its workers, alive until the exception is gone.
-    """
-    while batches is not None:
-        shutdown = getattr(batches, "_shutdown_workers", None)
-        if shutdown is not None:
-            shutdown()
-            return
-        batches = getattr(batches, "batches", None)  # fcnseg.data.loader's wrapping iterator
 
 
 def _as_is(sample: dict[str, Any]) -> dict[str, Any]:
@@ -128,7 +115,7 @@ def inspect_dataset(
                     entry["pixels"] += c
                     entry["samples"] += 1
     finally:
-        shutdown_workers(samples)
+        stop_workers(samples)
     heights = np.array([h for (h, _), k in sizes.items() for _ in range(k)], dtype=np.int64)
     widths = np.array([w for (_, w), k in sizes.items() for _ in range(k)], dtype=np.int64)
 

@@ -237,13 +237,7 @@ class _RaisingIterator:
 
     def close(self) -> None:
         """Stops the worker processes now (a no-op without workers, or when done twice)."""
-        shutdown = getattr(self.batches, "_shutdown_workers", None)
-        if shutdown is not None:
-            shutdown()  # asks each worker to stop, joins it, terminates the ones that hang
-        for worker in getattr(self.batches, "_workers", ()):
-            if worker.is_alive():  # ignored the terminate (SIGTERM) above
-                worker.kill()
-                worker.join()
+        stop_workers(self.batches)
         if getattr(self.loader, "_iterator", None) is self.batches:
             self.loader._iterator = None  # persistent workers: the next pass starts new ones
 
@@ -258,6 +252,22 @@ class _RaisingIterator:
                 # alive (and copied into the next loader's forked workers) until a collection.
                 error = None
         return batch
+
+
+def stop_workers(batches: Iterator) -> None:
+    """Stops a DataLoader iterator's worker processes now.
+
+    For every way out of a loop over a loader: dropping the iterator is not enough (a traceback
+    that holds the loop's frame keeps it, and its workers, alive), and workers that ignore
+    SIGTERM outlive PyTorch's own terminate, which would keep the interpreter's exit waiting.
+    """
+    shutdown = getattr(batches, "_shutdown_workers", None)
+    if shutdown is not None:
+        shutdown()  # asks each worker to stop, joins it, terminates the ones that hang
+    for worker in getattr(batches, "_workers", ()):
+        if worker.is_alive():  # ignored the terminate (SIGTERM) above
+            worker.kill()
+            worker.join()
 
 
 class PadCollate:
