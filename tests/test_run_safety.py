@@ -201,6 +201,10 @@ def test_bad_settings_are_one_sentence_before_any_step(tmp_path, args, expected)
         ({"num_workers": -1}, "trainer.num_workers=-1 must be at least 0"),
         ({"max_iters": True}, "trainer.max_iters=True is not a whole number"),
         ({"optimizer": functools.partial(torch.optim.SGD, lr=float("nan"))}, "Invalid learning"),
+        (
+            {"optimizer": functools.partial(torch.optim.AdamW, lr=1e-3, momentum=0.9)},
+            "optimizer.momentum is not a setting of AdamW; remove it with '~optimizer.momentum'",
+        ),
     ],
 )
 def test_bad_trainer_settings_are_refused_before_anything_is_written(tmp_path, options, expected):

@@ -9,6 +9,7 @@ trainable parameters, gets an optimizer with a weights group and a biases group.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Iterable
 
 import torch
@@ -73,6 +74,16 @@ def build_optimizer(optimizer: OptimizerFactory, model: nn.Module) -> torch.opti
         built = optimizer([p for p in model.parameters() if p.requires_grad])
     except ValueError as err:  # torch's own checks: "Invalid learning rate: -1.0"
         raise UserError(f"the optimizer refused its settings (optimizer.*): {err}") from err
+    except TypeError as err:  # a key of another optimizer's (SGD's momentum given to AdamW)
+        unknown = re.search(
+            r"(\w+)\.__init__\(\) got an unexpected keyword argument '(\w+)'", str(err)
+        )
+        if unknown is None:
+            raise
+        name, key = unknown.groups()
+        raise UserError(
+            f"optimizer.{key} is not a setting of {name}; remove it with '~optimizer.{key}'"
+        ) from err
     for group in built.param_groups:  # SGD lets a NaN learning rate through
         if not 0 <= float(group["lr"]) < math.inf:
             raise UserError(
