@@ -20,6 +20,7 @@ from torch import nn
 
 from fcnseg.errors import UserError
 from fcnseg.utils.distributed import DistInfo, init_distributed, resolve_device
+from fcnseg.utils.logging import get_logger
 
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -30,6 +31,44 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def check_precision(amp: str, device: torch.device) -> None:
+    """Refuses a precision the device cannot compute and warns of one it only emulates.
+
+    bf16 needs native support on a GPU (Ampere or later; a V100 or T4 emulates it, if at all,
+    far slower than fp32): refused there, with fp16 suggested. On a CPU, fp16 autocast runs many
+    times slower than fp32, and bf16 is fast only where the CPU has bf16 instructions
+    (AVX512-BF16, AMX).
+    """
+    log = get_logger()
+    if device.type == "cuda" and amp == "bf16":
+        if not torch.cuda.is_bf16_supported(including_emulation=False):
+            name = torch.cuda.get_device_name(device)
+            raise UserError(
+                f"trainer.amp=bf16 but {name} has no native bfloat16; use trainer.amp=fp16 "
+                f"(with its gradient scaler) or trainer.amp=none"
+            )
+    elif device.type == "cpu" and amp == "fp16":
+        log.warning(
+            "trainer.amp=fp16 on a CPU: CPUs compute float16 convolutions many times slower than "
+            "float32; trainer.amp=bf16 (on CPUs with bf16 instructions) or none is faster"
+        )
+    elif device.type == "cpu" and amp == "bf16" and not cpu_has_bf16():
+        log.warning(
+            "trainer.amp=bf16 on a CPU without bf16 instructions (AVX512-BF16 or AMX): it is "
+            "emulated, and slower than trainer.amp=none"
+        )
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU has bfloat16 instructions (Linux's /proc/cpuinfo; else assumed)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        return True
+    return any(flag in flags.split() for flag in ("avx512_bf16", "amx_bf16"))
 
 
 @dataclass
@@ -76,6 +115,7 @@ class Runtime:
                 f"trainer.compile={compile!r} is not one of false, true, {', '.join(COMPILE_MODES)}"
             )
         dev = resolve_device(device, int(os.environ.get("LOCAL_RANK", "0")))
+        check_precision(amp, dev)
         dist = init_distributed(dev) if distributed else DistInfo()
         return cls(dev, dist, amp, channels_last, False if compile is None else compile)
 

@@ -38,11 +38,14 @@ class StepResult:
         loss: the batch's loss, averaged over micro-batches and processes.
         finite: whether it was finite; if not, no weight changed (the step was not taken).
         stop: whether some process was asked to stop (a stop signal) before this step ended.
+        overflow: fp16 only: the loss was finite but its scaled gradients overflowed, so the
+            gradient scaler skipped the update and lowered its scale.
     """
 
     loss: float
     finite: bool
     stop: bool
+    overflow: bool = False
 
 
 class TrainStep:
@@ -123,17 +126,20 @@ class TrainStep:
         )
         loss_sum, stops = all_reduce_sum(status).tolist()
         value = loss_sum / self.runtime.dist.world_size
-        finite = math.isfinite(value)
+        finite, overflow = math.isfinite(value), False
         if finite:
+            scale = self.scaler.get_scale() if self.scaler.is_enabled() else None
             self.scaler.step(self.optimizer)
             self.scaler.update()
+            # The scaler lowers its scale exactly when it skipped the update (inf/NaN gradients).
+            overflow = scale is not None and self.scaler.get_scale() < scale
         else:
             self.optimizer.zero_grad(set_to_none=True)
             with torch.no_grad():
                 for buffer, saved in zip(self.module.buffers(), buffers):
                     buffer.copy_(saved)
         self.scheduler.step()
-        return StepResult(loss=value, finite=finite, stop=stops > 0)
+        return StepResult(loss=value, finite=finite, stop=stops > 0, overflow=overflow)
 
     def _grad_sync(self, *, last: bool) -> contextlib.AbstractContextManager:
         """DDP all-reduces gradients after the last micro-batch only."""

@@ -215,6 +215,8 @@ class Trainer:
         self._stopping = self._stopping or result.stop
         if not result.finite:
             self._on_non_finite(result.loss)
+        elif result.overflow:  # fp16: the scaler skipped this update; counted and logged
+            self.skipped_steps += 1
         self.iteration += 1
         return result.loss
 
@@ -414,13 +416,19 @@ class Trainer:
 
     def _log_train(self, loss: float, seconds: float) -> None:
         lr = self.optimizer.param_groups[0]["lr"]
+        skipped = f", {self.skipped_steps} update(s) skipped" if self.skipped_steps else ""
+        if skipped and self.step.scaler.is_enabled():
+            skipped += f" (fp16 gradient scale {self.step.scaler.get_scale():g})"
         self.log.info(
-            "iteration %d/%d: loss %.4f, lr %.3g, %.2f s/it",
+            "iteration %d/%d: loss %.4f, lr %.3g, %.2f s/it%s",
             self.iteration, self.settings.max_iters, loss, lr,
-            seconds / self.settings.log_interval,
+            seconds / self.settings.log_interval, skipped,
         )  # fmt: skip
         if self.writer is not None:
             self.writer.add_scalar("train/loss", loss, self.iteration)
             self.writer.add_scalar("train/lr", lr, self.iteration)
             if self.skipped_steps:
                 self.writer.add_scalar("train/skipped_steps", self.skipped_steps, self.iteration)
+            if self.step.scaler.is_enabled():
+                scale = self.step.scaler.get_scale()
+                self.writer.add_scalar("train/grad_scale", scale, self.iteration)

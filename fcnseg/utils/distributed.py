@@ -46,17 +46,30 @@ class DistInfo:
 def resolve_device(device: str, local_rank: int = 0) -> torch.device:
     """``auto`` picks this process's GPU when there is one, else the CPU.
 
-    Under torchrun, process ``local_rank`` of a machine takes GPU ``local_rank``; more processes
-    than GPUs on one machine is refused (NCCL cannot put two ranks on one GPU).
+    Under torchrun, process ``local_rank`` of a machine takes GPU ``local_rank`` of those it
+    sees. A launcher that gives each process a single GPU of its own (``srun
+    --gpus-per-task=1``, a per-process ``CUDA_VISIBLE_DEVICES``, Kubernetes device plugins) shows
+    every process one device: each takes that one. ``cuda:N`` names a GPU explicitly. Two
+    processes on one GPU are refused (NCCL cannot put two ranks on one device).
     """
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda":
+    if device == "cuda" or device.startswith("cuda:"):
         if not torch.cuda.is_available():
             raise UserError(
-                "trainer.device=cuda but no CUDA device is visible; use trainer.device=cpu"
+                f"trainer.device={device} but no CUDA device is visible; use trainer.device=cpu"
             )
         count = torch.cuda.device_count()
+        if device != "cuda":
+            index = device.partition(":")[2]
+            if not index.isdigit() or int(index) >= count:
+                raise UserError(
+                    f"trainer.device={device} names no GPU of this machine's {count} "
+                    f"(cuda:0 to cuda:{count - 1})"
+                )
+            return torch.device("cuda", int(index))
+        if count == 1:  # the launcher gave this process its own GPU
+            return torch.device("cuda", 0)
         if local_rank >= count:
             raise UserError(
                 f"process LOCAL_RANK={local_rank} has no GPU of its own: this machine shows "
@@ -64,7 +77,7 @@ def resolve_device(device: str, local_rank: int = 0) -> torch.device:
             )
         return torch.device("cuda", local_rank)
     if device != "cpu":
-        raise UserError(f"trainer.device={device!r} is not one of auto, cpu, cuda")
+        raise UserError(f"trainer.device={device!r} is not one of auto, cpu, cuda, cuda:N")
     return torch.device("cpu")
 
 
@@ -86,9 +99,7 @@ def init_distributed(device: torch.device) -> DistInfo:
             )
         backend = "nccl" if device.type == "cuda" else "gloo"
         if device.type == "cuda":
-            # This process's own GPU, whichever index the caller resolved before knowing its rank:
-            # NCCL and the CUDA generator state follow the current device.
-            torch.cuda.set_device(resolve_device("cuda", int(os.environ["LOCAL_RANK"])))
+            torch.cuda.set_device(device)  # NCCL and the CUDA generator follow it
         dist.init_process_group(backend=backend)
     return get_info()
 

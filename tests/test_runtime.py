@@ -1,0 +1,103 @@
+"""Runtime: the device each process takes under any launcher, precision that fits the hardware,
+and fp16 updates skipped by the gradient scaler counted."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from test_resume import NUM_CLASSES, one_thread, tiny_trainer  # noqa: F401 - fixture
+
+from fcnseg.engine import runtime
+from fcnseg.errors import UserError
+from fcnseg.utils.distributed import resolve_device
+
+
+@pytest.fixture
+def gpus(monkeypatch):
+    """Pretends this machine shows ``n`` GPUs (no CUDA call is made)."""
+
+    def show(n: int, *, bf16: bool = True, name: str = "Tesla V100-SXM2-16GB") -> None:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: n > 0)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: n)
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: bf16)
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+
+    return show
+
+
+def test_each_process_takes_its_gpu_or_the_one_it_was_given(gpus):
+    gpus(4)
+    assert resolve_device("cuda", local_rank=3) == torch.device("cuda", 3)
+    assert resolve_device("auto", local_rank=2) == torch.device("cuda", 2)
+    assert resolve_device("cuda:1") == torch.device("cuda", 1)
+    with pytest.raises(UserError, match="LOCAL_RANK=4 has no GPU of its own: this machine shows 4"):
+        resolve_device("cuda", local_rank=4)
+    with pytest.raises(
+        UserError, match=r"trainer.device=cuda:7 names no GPU .* \(cuda:0 to cuda:3\)"
+    ):
+        resolve_device("cuda:7")
+    # srun --gpus-per-task=1, a per-rank CUDA_VISIBLE_DEVICES: every process sees one GPU.
+    gpus(1)
+    assert resolve_device("cuda", local_rank=5) == torch.device("cuda", 0)
+    gpus(0)
+    with pytest.raises(UserError, match="trainer.device=cuda:0 but no CUDA device is visible"):
+        resolve_device("cuda:0")
+    with pytest.raises(UserError, match="is not one of auto, cpu, cuda, cuda:N"):
+        resolve_device("gpu")
+
+
+def test_bf16_is_refused_on_a_gpu_without_it(gpus):
+    gpus(1, bf16=False, name="Tesla T4")
+    with pytest.raises(UserError, match="trainer.amp=bf16 but Tesla T4 has no native bfloat16"):
+        runtime.check_precision("bf16", torch.device("cuda", 0))
+    runtime.check_precision("fp16", torch.device("cuda", 0))  # what it suggests is accepted
+    gpus(1, bf16=True, name="NVIDIA H100")
+    runtime.check_precision("bf16", torch.device("cuda", 0))
+
+
+@pytest.fixture
+def warnings_logged():
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger("fcnseg")
+    logger.addHandler(handler)
+    yield records
+    logger.removeHandler(handler)
+
+
+def test_slow_precisions_on_a_cpu_are_named(monkeypatch, warnings_logged):
+    cpu = torch.device("cpu")
+    runtime.check_precision("fp16", cpu)
+    assert "trainer.amp=fp16 on a CPU" in warnings_logged[-1].getMessage()
+    monkeypatch.setattr(runtime, "cpu_has_bf16", lambda: False)
+    runtime.check_precision("bf16", cpu)
+    assert "without bf16 instructions" in warnings_logged[-1].getMessage()
+    monkeypatch.setattr(runtime, "cpu_has_bf16", lambda: True)
+    before = len(warnings_logged)
+    runtime.check_precision("bf16", cpu)
+    runtime.check_precision("none", cpu)
+    assert len(warnings_logged) == before
+
+
+def test_updates_skipped_by_the_fp16_scaler_are_counted(tmp_path):
+    """A gradient scale far beyond fp16's range makes every scaled gradient overflow: the scaler
+    skips the update and halves the scale, and the trainer counts each skip."""
+    trainer = tiny_trainer(tmp_path, amp="fp16", max_iters=10)  # the poly lr is not 0 at step 4
+    scaler = trainer.step.scaler
+    scaler.load_state_dict({**scaler.state_dict(), "scale": 2.0**100})
+    weights = [p.detach().clone() for p in trainer.model.parameters()]
+    images, targets = torch.randn(2, 3, 32, 32), torch.randint(0, NUM_CLASSES, (2, 32, 32))
+    losses = [trainer.run_step(images, targets) for _ in range(3)]
+    assert all(torch.isfinite(torch.tensor(losses)))  # the loss itself was fine
+    assert scaler.get_scale() == 2.0**97  # halved once per skipped step
+    assert trainer.skipped_steps == 3
+    for before, after in zip(weights, trainer.model.parameters()):
+        torch.testing.assert_close(after, before, rtol=0, atol=0)
+    # A scale in range: the next step updates, and nothing more is counted.
+    scaler.load_state_dict({**scaler.state_dict(), "scale": 1024.0})
+    trainer.run_step(images, targets)
+    assert trainer.skipped_steps == 3
+    assert any(not torch.equal(b, a) for b, a in zip(weights, trainer.model.parameters()))
