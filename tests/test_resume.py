@@ -221,7 +221,7 @@ def test_a_checkpoint_of_another_model_is_a_user_error(tmp_path):
     ("option", "value", "message"),
     [
         ("nan_policy", "ignore", "trainer.nan_policy='ignore' is not one of stop, skip"),
-        ("amp", "fp8", "trainer.amp='fp8' is not one of none, bf16, fp16"),
+        ("amp", "fp8", "trainer.amp='fp8' is not one of auto, none, bf16, fp16"),
         ("accumulate", 0, "trainer.accumulate=0 must be at least 1"),
         ("compile", "fastest", "trainer.compile='fastest' is not one of false, true"),
     ],

@@ -48,38 +48,60 @@ def test_each_process_takes_its_gpu_or_the_one_it_was_given(gpus):
         resolve_device("gpu")
 
 
-def test_bf16_is_refused_on_a_gpu_without_it(gpus):
-    gpus(1, bf16=False, name="Tesla T4")
-    with pytest.raises(UserError, match="trainer.amp=bf16 but Tesla T4 has no native bfloat16"):
-        runtime.check_precision("bf16", torch.device("cuda", 0))
-    runtime.check_precision("fp16", torch.device("cuda", 0))  # what it suggests is accepted
-    gpus(1, bf16=True, name="NVIDIA H100")
-    runtime.check_precision("bf16", torch.device("cuda", 0))
-
-
 @pytest.fixture
-def warnings_logged():
+def logged():
     records: list[logging.LogRecord] = []
     handler = logging.Handler()
     handler.emit = records.append
     logger = logging.getLogger("fcnseg")
+    level = logger.level
+    logger.setLevel(logging.INFO)
     logger.addHandler(handler)
     yield records
     logger.removeHandler(handler)
+    logger.setLevel(level)
 
 
-def test_slow_precisions_on_a_cpu_are_named(monkeypatch, warnings_logged):
-    cpu = torch.device("cpu")
-    runtime.check_precision("fp16", cpu)
-    assert "trainer.amp=fp16 on a CPU" in warnings_logged[-1].getMessage()
-    monkeypatch.setattr(runtime, "cpu_has_bf16", lambda: False)
-    runtime.check_precision("bf16", cpu)
-    assert "without bf16 instructions" in warnings_logged[-1].getMessage()
-    monkeypatch.setattr(runtime, "cpu_has_bf16", lambda: True)
-    before = len(warnings_logged)
-    runtime.check_precision("bf16", cpu)
-    runtime.check_precision("none", cpu)
-    assert len(warnings_logged) == before
+@pytest.mark.parametrize(
+    ("device", "native_bf16", "auto"),
+    [
+        ("cuda", True, "bf16"),
+        ("cuda", False, "fp16"),
+        ("cpu", True, "bf16"),
+        ("cpu", False, "none"),
+    ],
+)
+def test_auto_picks_the_hardwares_precision(gpus, monkeypatch, logged, device, native_bf16, auto):
+    gpus(1, bf16=native_bf16, name="Tesla T4")
+    monkeypatch.setattr(runtime, "cpu_has_bf16", lambda: native_bf16)
+    dev = torch.device(device, 0) if device == "cuda" else torch.device("cpu")
+    assert runtime.choose_precision("auto", dev) == auto
+    assert f"trainer.amp=auto: {auto} (" in logged[-1].getMessage()
+    # What auto picks, asked for explicitly, runs without a word; so does fp32.
+    before = len(logged)
+    assert runtime.choose_precision(auto, dev) == auto
+    assert runtime.choose_precision("none", dev) == "none"
+    assert len(logged) == before
+
+
+@pytest.mark.parametrize(
+    ("device", "native_bf16", "asked", "said"),
+    [
+        ("cuda", False, "bf16", "Tesla T4 has no native bfloat16"),
+        ("cpu", True, "fp16", "CPUs compute float16 many times slower than float32"),
+        ("cpu", False, "bf16", "this CPU has no bf16 instructions"),
+    ],
+)
+def test_a_precision_the_hardware_runs_badly_runs_with_a_warning(
+    gpus, monkeypatch, logged, device, native_bf16, asked, said
+):
+    gpus(1, bf16=native_bf16, name="Tesla T4")
+    monkeypatch.setattr(runtime, "cpu_has_bf16", lambda: native_bf16)
+    dev = torch.device(device, 0) if device == "cuda" else torch.device("cpu")
+    assert runtime.choose_precision(asked, dev) == asked
+    record = logged[-1]
+    assert record.levelno == logging.WARNING
+    assert said in record.getMessage() and "trainer.amp=auto would pick" in record.getMessage()
 
 
 def test_updates_skipped_by_the_fp16_scaler_are_counted(tmp_path):

@@ -33,32 +33,44 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def check_precision(amp: str, device: torch.device) -> None:
-    """Refuses a precision the device cannot compute and warns of one it only emulates.
+def choose_precision(amp: str, device: torch.device) -> str:
+    """The autocast precision to run: ``amp`` itself, or for ``auto`` the hardware's best.
 
-    bf16 needs native support on a GPU (Ampere or later; a V100 or T4 emulates it, if at all,
-    far slower than fp32): refused there, with fp16 suggested. On a CPU, fp16 autocast runs many
-    times slower than fp32, and bf16 is fast only where the CPU has bf16 instructions
-    (AVX512-BF16, AMX).
+    ``auto`` picks bf16 where the device computes it natively (GPUs from Ampere on; CPUs with
+    AVX512-BF16 or AMX), fp16 with its gradient scaler on other GPUs, and fp32 (``none``)
+    elsewhere; the choice and its reason are logged. An explicit choice that the hardware runs
+    badly (fp16 on a CPU, bf16 where it is emulated) runs as asked, with one warning that says
+    what ``auto`` would pick.
     """
-    log = get_logger()
-    if device.type == "cuda" and amp == "bf16":
-        if not torch.cuda.is_bf16_supported(including_emulation=False):
-            name = torch.cuda.get_device_name(device)
-            raise UserError(
-                f"trainer.amp=bf16 but {name} has no native bfloat16; use trainer.amp=fp16 "
-                f"(with its gradient scaler) or trainer.amp=none"
-            )
-    elif device.type == "cpu" and amp == "fp16":
-        log.warning(
-            "trainer.amp=fp16 on a CPU: CPUs compute float16 convolutions many times slower than "
-            "float32; trainer.amp=bf16 (on CPUs with bf16 instructions) or none is faster"
+    if amp not in (*AMP_DTYPES, "auto"):
+        raise UserError(f"trainer.amp={amp!r} is not one of auto, {', '.join(AMP_DTYPES)}")
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        native = torch.cuda.is_bf16_supported(including_emulation=False)
+        best, why = (
+            ("bf16", f"{name} has native bfloat16")
+            if native
+            else ("fp16", f"{name} has no native bfloat16")
         )
-    elif device.type == "cpu" and amp == "bf16" and not cpu_has_bf16():
-        log.warning(
-            "trainer.amp=bf16 on a CPU without bf16 instructions (AVX512-BF16 or AMX): it is "
-            "emulated, and slower than trainer.amp=none"
+        slow = amp == "bf16" and not native
+    else:
+        native = cpu_has_bf16()
+        best, why = (
+            ("bf16", "this CPU has bf16 instructions")
+            if native
+            else ("none", "this CPU has no bf16 instructions (AVX512-BF16, AMX)")
         )
+        slow = amp == "fp16" or (amp == "bf16" and not native)
+    if amp == "auto":
+        get_logger().info("trainer.amp=auto: %s (%s)", best, why)
+        return best
+    if slow:
+        if device.type == "cpu" and amp == "fp16":
+            why = "CPUs compute float16 many times slower than float32"
+        get_logger().warning(
+            "trainer.amp=%s runs slowly here (%s): trainer.amp=auto would pick %s", amp, why, best
+        )
+    return amp
 
 
 def cpu_has_bf16() -> bool:
@@ -78,7 +90,8 @@ class Runtime:
     Attributes:
         device: this process's device (under torchrun, GPU ``LOCAL_RANK``).
         dist: this process's place in the process group.
-        amp: ``none``, ``bf16`` or ``fp16`` autocast for the forward passes.
+        amp: ``none``, ``bf16`` or ``fp16`` autocast for the forward passes (``auto`` is
+            resolved by ``setup``, ``choose_precision``).
         channels_last: NHWC memory layout for the model and its inputs, which tensor-core
             convolutions (fp16/bf16 on recent GPUs) run without transposing.
         compile: ``torch.compile`` the training forward: false, true or a compile mode.
@@ -108,14 +121,12 @@ class Runtime:
             amp, channels_last, compile: see the class.
             distributed: join torchrun's group; false for a tool that measures one process.
         """
-        if amp not in AMP_DTYPES:
-            raise UserError(f"trainer.amp={amp!r} is not one of {', '.join(AMP_DTYPES)}")
         if compile not in (False, True, None) and compile not in COMPILE_MODES:
             raise UserError(
                 f"trainer.compile={compile!r} is not one of false, true, {', '.join(COMPILE_MODES)}"
             )
         dev = resolve_device(device, int(os.environ.get("LOCAL_RANK", "0")))
-        check_precision(amp, dev)
+        amp = choose_precision(amp, dev)
         dist = init_distributed(dev) if distributed else DistInfo()
         return cls(dev, dist, amp, channels_last, False if compile is None else compile)
 

@@ -215,8 +215,14 @@ class Trainer:
         self._stopping = self._stopping or result.stop
         if not result.finite:
             self._on_non_finite(result.loss)
-        elif result.overflow:  # fp16: the scaler skipped this update; counted and logged
+        elif result.overflow:  # fp16: the scaler skipped this update; counted and said
             self.skipped_steps += 1
+            if self.skipped_steps & (self.skipped_steps - 1) == 0:  # 1, 2, 4, 8, ...: rate-limited
+                self.log.warning(
+                    "iteration %d: the fp16 gradient scaler skipped the update (the gradients "
+                    "overflowed) and lowered its scale to %g; %d update(s) skipped so far",
+                    self.iteration + 1, self.step.scaler.get_scale(), self.skipped_steps,
+                )  # fmt: skip
         self.iteration += 1
         return result.loss
 
@@ -380,7 +386,7 @@ class Trainer:
         if metrics is None:  # cut short by a stop signal: the resumed run evaluates again
             return
         self.pending_eval = False
-        self.metrics = metrics
+        self.metrics = metrics = {**metrics, "skipped_steps": self.skipped_steps}
         if self.dist.is_main:
             (self.run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
         if metrics["miou"] > self.best_miou:
@@ -431,4 +437,4 @@ class Trainer:
                 self.writer.add_scalar("train/skipped_steps", self.skipped_steps, self.iteration)
             if self.step.scaler.is_enabled():
                 scale = self.step.scaler.get_scale()
-                self.writer.add_scalar("train/grad_scale", scale, self.iteration)
+                self.writer.add_scalar("train/amp_scale", scale, self.iteration)
