@@ -14,14 +14,14 @@ from omegaconf import DictConfig, OmegaConf
 from fcnseg.data.class_weights import resolve_class_weights
 from fcnseg.engine.loss import SegLoss
 from fcnseg.engine.optim import with_param_groups
-from fcnseg.engine.runtime import seed_everything
+from fcnseg.engine.runtime import Runtime, seed_everything
 from fcnseg.engine.settings import TrainSettings
 from fcnseg.engine.trainer import Trainer, TrainingInterrupted
 from fcnseg.metrics import format_table
 from fcnseg.models import build_model
 from fcnseg.models.init import init_from_checkpoint
 from fcnseg.utils.cli import check_settings, user_errors
-from fcnseg.utils.distributed import cleanup, launch_command
+from fcnseg.utils.distributed import cleanup, launch_command, local_main_first
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="train")
@@ -29,39 +29,36 @@ def main(cfg: DictConfig) -> None:
     with user_errors("train.py", also=(InstantiationException,)):
         check_settings("trainer", cfg.trainer, TrainSettings)
         settings = instantiate(cfg.trainer)
+        runtime = Runtime.from_settings(settings)  # device, process group, precision: once
         seed_everything(settings.seed)  # the initial weights follow the run's seed
         ds = cfg.dataset
         make_dataset, make_transform = instantiate(ds.builder), instantiate(ds.transform)
         train_set = make_dataset(split=ds.train_split, transform=make_transform(train=True))
-        class_weights = resolve_class_weights(
-            OmegaConf.to_container(cfg.loss, resolve=True)["class_weights"], dataset=train_set,
-            num_classes=ds.num_classes, ignore_index=ds.ignore_index,
-            identity={"root": ds.root, "split": ds.train_split,
-                      "builder": OmegaConf.to_container(ds.builder, resolve=True)},
-        )  # fmt: skip
-        model = build_model(
-            backbone=instantiate(cfg.backbone), head=instantiate(cfg.head),
-            num_classes=ds.num_classes,
-        )  # fmt: skip
+        with local_main_first():  # one download, one count of the labels per machine
+            class_weights = resolve_class_weights(
+                OmegaConf.to_container(cfg.loss, resolve=True)["class_weights"],
+                dataset=train_set, num_classes=ds.num_classes, ignore_index=ds.ignore_index,
+                identity={"root": ds.root, "split": ds.train_split,
+                          "builder": OmegaConf.to_container(ds.builder, resolve=True)},
+            )  # fmt: skip
+            model = build_model(
+                backbone=instantiate(cfg.backbone), head=instantiate(cfg.head),
+                num_classes=ds.num_classes,
+            )  # fmt: skip
         # Staged training starts from the coarser net's layers (a resumed run then overrides them).
         init = init_from_checkpoint(model, cfg.model.init_from) if cfg.model.init_from else None
         trainer = Trainer(
-            settings,
-            model=model,
-            train_set=train_set,
+            settings, runtime=runtime, model=model, train_set=train_set,
             val_set=make_dataset(split=ds.val_split, transform=make_transform(train=False)),
             optimizer=with_param_groups(instantiate(cfg.optimizer), model, **cfg.param_groups),
             scheduler=instantiate(cfg.scheduler),
-            loss=SegLoss(
-                weight=class_weights, ignore_index=ds.ignore_index, reduction=cfg.loss.reduction
-            ),
+            loss=SegLoss(weight=class_weights, ignore_index=ds.ignore_index,
+                         reduction=cfg.loss.reduction),
             run_dir=HydraConfig.get().runtime.output_dir,
-            config=OmegaConf.to_container(cfg, resolve=True),
-            class_names=ds.class_names,
-            normalize=ds.normalize,
-            batching=ds.get("batching", "pad"),
+            config=OmegaConf.to_container(cfg, resolve=True), class_names=ds.class_names,
+            normalize=ds.normalize, batching=ds.get("batching", "pad"),
             resume_command=resume_command(),
-        )
+        )  # fmt: skip
         if trainer.dist.is_main:
             save_hydra_config(cfg, trainer.run_dir / ".hydra")
         if init is not None:

@@ -22,7 +22,7 @@ from test_resume import NUM_CLASSES, one_thread, tiny_model, tiny_trainer  # noq
 from fcnseg.engine.trainer import NonFiniteLossError
 from fcnseg.errors import UserError
 from fcnseg.utils.checkpoint import load_checkpoint
-from fcnseg.utils.distributed import cleanup, launch_command
+from fcnseg.utils.distributed import cleanup, launch_command, local_main_first
 
 # Batch-independent layers (no BatchNorm, no dropout) so that a gradient over a batch split
 # across processes can be compared with the gradient over the whole batch.
@@ -233,3 +233,29 @@ def test_channels_last_trains_the_same_network(tmp_path):
     )
     for p, q in zip(nchw.model.parameters(), nhwc.model.parameters()):
         torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-6)
+
+
+def _first_worker(rank: int, port: int, tmp: str) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
+        LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2",
+    )  # fmt: skip
+    torch.distributed.init_process_group("gloo")
+    try:
+        with local_main_first():
+            done = Path(tmp) / "downloaded"
+            # What rank 0 left on disk is there when rank 1 enters: one download per machine.
+            (Path(tmp) / f"saw{rank}").write_text(str(done.exists()))
+            if rank == 0:
+                time.sleep(1.0)  # a slow download: rank 1 would enter meanwhile if not held
+            done.touch()
+    finally:
+        cleanup()
+
+
+def test_the_machines_first_process_downloads_before_the_others(tmp_path):
+    torch.multiprocessing.start_processes(
+        _first_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True, start_method="fork"
+    )
+    assert (tmp_path / "saw0").read_text() == "False"
+    assert (tmp_path / "saw1").read_text() == "True"

@@ -130,6 +130,12 @@ class Runtime:
         dist = init_distributed(dev) if distributed else DistInfo()
         return cls(dev, dist, amp, channels_last, False if compile is None else compile)
 
+    @classmethod
+    def from_settings(cls, settings) -> Runtime:
+        """``setup`` with a run's ``TrainSettings`` (device, amp, channels_last, compile)."""
+        s = settings
+        return cls.setup(s.device, amp=s.amp, channels_last=s.channels_last, compile=s.compile)
+
     @property
     def amp_dtype(self) -> torch.dtype | None:
         return AMP_DTYPES[self.amp]

@@ -83,6 +83,8 @@ class Trainer:
         batching: ``pad`` or ``bucket``: how training batches of different image sizes are
             formed (``fcnseg.data.loader.train_loader``).
         resume_command: the command that resumes this run, shown when it is interrupted.
+        runtime: the device, group and precision, when the caller set them up (else from
+            ``settings``).
     """
 
     def __init__(
@@ -101,15 +103,14 @@ class Trainer:
         normalize: str = "imagenet",
         batching: str = "pad",
         resume_command: str | None = None,
+        runtime: Runtime | None = None,
     ) -> None:
         s = self.settings = settings
         self.train_set, self.val_set, self.config = train_set, val_set, config
         self.class_names, self.ignore_index = list(class_names), loss.ignore_index
         self.normalize, self.batching, self.resume_command = normalize, batching, resume_command
 
-        self.runtime = Runtime.setup(
-            s.device, amp=s.amp, channels_last=s.channels_last, compile=s.compile
-        )
+        self.runtime = runtime or Runtime.from_settings(s)
         self.device, self.dist = self.runtime.device, self.runtime.dist
         self.run_dir = shared_run_dir(run_dir)
         # Nothing is written into the run directory before it is accepted for this run.

@@ -12,7 +12,7 @@ import contextlib
 import os
 import shlex
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -170,6 +170,25 @@ def on_main(work: Callable[[], Any]) -> Any:
     if message is not None:
         raise UserError(message)
     return result
+
+
+@contextlib.contextmanager
+def local_main_first() -> Iterator[None]:
+    """Each machine's first process runs the block before its other processes do.
+
+    For work whose result lands on the machine's disk (a download of pretrained weights, a
+    cache of class frequencies): one process per machine does it, the others then find it
+    done instead of all doing it at once. A no-op without a process group.
+    """
+    info = get_info()
+    first = info.local_rank == 0
+    if info.enabled and not first:
+        dist.barrier()
+    try:
+        yield
+    finally:
+        if info.enabled and first:
+            dist.barrier()
 
 
 def cleanup() -> None:
