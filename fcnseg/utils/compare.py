@@ -95,3 +95,35 @@ def format_comparison(runs: Sequence[tuple[str, dict[str, Any]]]) -> str:
         f"{'images':<{first}} " + " ".join(f"{m.get('num_images', '-'):>{col}}" for _, m in runs)
     )
     return "\n".join(lines)
+
+
+def sweep_runs(folder: str | Path) -> list[Path]:
+    """The run directories (holding ``metrics.json``) anywhere under a sweep's ``folder``."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"sweep folder {folder} does not exist")
+    runs = sorted(p.parent for p in folder.rglob("metrics.json"))
+    if not runs:
+        raise UserError(f"sweep folder {folder} holds no run with a metrics.json yet")
+    return runs
+
+
+def run_overrides(run: Path) -> str:
+    """The command-line overrides a run was started with (``.hydra/overrides.yaml``)."""
+    file = run / ".hydra" / "overrides.yaml"
+    if not file.is_file():
+        return "-"
+    items = [line[2:].strip() for line in file.read_text().splitlines() if line.startswith("- ")]
+    return " ".join(items) or "-"
+
+
+def format_sweep(runs: Sequence[tuple[str, str, dict[str, Any]]]) -> str:
+    """One line per run (name, summary metrics in percent, overrides), best mIoU first."""
+    ranked = sorted(runs, key=lambda run: run[2]["miou"], reverse=True)
+    name = max(3, *(len(label) for label, _, _ in ranked))
+    header = f"{'run':<{name}} " + " ".join(f"{label:>9}" for _, label in SUMMARY) + "  overrides"
+    lines = [header, "-" * len(header)]
+    for label, overrides, m in ranked:
+        cells = " ".join(f"{100 * m[key]:>9.2f}" for key, _ in SUMMARY)
+        lines.append(f"{label:<{name}} {cells}  {overrides}")
+    return "\n".join(lines)
