@@ -123,3 +123,15 @@ def test_updates_skipped_by_the_fp16_scaler_are_counted(tmp_path):
     trainer.run_step(images, targets)
     assert trainer.skipped_steps == 3
     assert any(not torch.equal(b, a) for b, a in zip(weights, trainer.model.parameters()))
+
+
+def test_the_evaluation_inside_training_feeds_the_models_memory_layout(tmp_path):
+    trainer = tiny_trainer(tmp_path, channels_last=True)
+    layouts = []
+    trainer.model.register_forward_pre_hook(
+        lambda module, args: layouts.append(
+            args[0].is_contiguous(memory_format=torch.channels_last)
+        )
+    )
+    metrics = trainer.validate()
+    assert metrics is not None and layouts and all(layouts)

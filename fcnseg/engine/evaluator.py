@@ -38,6 +38,7 @@ def evaluate(
     keep: int = 0,
     inference: Inference | None = None,
     on_prediction: PredictionSink | None = None,
+    memory_format: torch.memory_format = torch.contiguous_format,
 ) -> tuple[dict, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]:
     """Scores ``loader`` (this process's shard) and sums confusion matrices over processes.
 
@@ -53,6 +54,7 @@ def evaluate(
         inference: whole image, sliding windows, TTA; a plain whole-image pass by default.
         on_prediction: called with (dataset index, labels (H, W)) for every image, to save
             predictions; indices follow the loader's sampler when it is sequential.
+        memory_format: the images' layout on the device, the model's (``channels_last``).
 
     Returns:
         The metrics (``SegMetrics.compute()``, identical on every process) and the kept
@@ -70,7 +72,7 @@ def evaluate(
     batches = iter(loader)
     try:
         for images, targets in progress(batches, desc="eval", enabled=info.is_main):
-            images = images.to(device, non_blocking=True)
+            images = images.to(device, non_blocking=True, memory_format=memory_format)
             targets = targets.to(device, non_blocking=True)
             preds = inference.predict(model, images, autocast=autocast)
             metrics.update(preds, targets)

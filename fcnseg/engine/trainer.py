@@ -124,6 +124,7 @@ class Trainer:
         self.optimizer = build_optimizer(optimizer, self.model)
         self.scheduler = scheduler(self.optimizer)
         # Unwrapped once: `self.model` is what we save and evaluate, the step trains the DDP.
+        self._cudnn_benchmark = torch.backends.cudnn.benchmark  # the caller's, put back by fit
         device_ids = [self.device.index] if self.device.type == "cuda" else None
         ddp = DistributedDataParallel(self.model, device_ids) if self.dist.enabled else self.model
         self.step = TrainStep(
@@ -207,6 +208,7 @@ class Trainer:
             bar.close()
             if self.writer is not None:
                 self.writer.close()  # reopened by any later write
+            torch.backends.cudnn.benchmark = self._cudnn_benchmark
             self.close()
         return self.metrics
 
@@ -247,6 +249,7 @@ class Trainer:
             metrics, samples = evaluate(
                 self.model, self._until_stop(loader), scorer, device=self.device,
                 autocast=self.runtime.autocast(), keep=self.settings.num_vis,
+                memory_format=self.runtime.memory_format,
             )  # fmt: skip
         flag = torch.tensor([float(self._stop_requested())], device=self.device)
         self._stopping = all_reduce_sum(flag).item() > 0 or self._stopping
