@@ -39,6 +39,7 @@ PRESET_VALUES = {
     "voc_fcn8s_modern": ("sgd", "poly", 1e-3, 0.9, 5e-4, 30_000, 8, 480, 2000, 1000),
     "cityscapes_fcn8s": ("sgd", "poly", 1e-3, 0.9, 5e-4, 40_000, 8, [512, 1024], 4000, 1000),
     "segnet_camvid": ("sgd", "constant", 1e-3, 0.9, 5e-4, 40_000, 4, None, 2000, 1000),
+    "camvid_cpu": ("adamw", "poly", 1e-2, None, 1e-4, 2000, 8, 224, 2000, 500),
 }
 
 
@@ -172,7 +173,7 @@ def test_presets_compose_as_before(preset, on_synthetic):
     choices = cfg.hydra.runtime.choices
     optimizer, scheduler, lr, momentum, wd, iters, batch, crop, every, save = PRESET_VALUES[preset]
     assert (choices["optimizer"], choices["scheduler"]) == (optimizer, scheduler)
-    assert (cfg.optimizer.lr, cfg.optimizer.momentum, cfg.optimizer.weight_decay) == (
+    assert (cfg.optimizer.lr, cfg.optimizer.get("momentum"), cfg.optimizer.weight_decay) == (
         lr, momentum, wd,
     )  # fmt: skip
     assert (cfg.trainer.max_iters, cfg.trainer.batch_size) == (iters, batch)
