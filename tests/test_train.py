@@ -42,6 +42,20 @@ def test_best_checkpoint_holds_the_model_not_the_optimizer(run_dir):
     assert proc.returncode == 2 and "holds the weights only" in proc.stderr
 
 
+def test_the_log_starts_with_what_the_run_does(run_dir):
+    log = (run_dir / "train.log").read_text().splitlines()
+    block = [line.split(" INFO ", 1)[1] for line in log[:5]]
+    assert block[0] == "data: synthetic at (built in); train 8, val 3 images; crop 64"
+    assert block[1] == "model: backbone vgg_tiny (from scratch), head fcn8s"
+    assert block[2].startswith("recipe: AdamW lr 0.01 (not scaled with the batch), PolynomialLR, ")
+    assert "iterations 1-2; 2 images per process x 1 process(es)" in block[2]
+    assert block[3] == "runtime: cpu x 1 process(es), amp none, channels_last False, compile False"
+    assert block[4] == f"run directory: {run_dir}"
+    acc = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"tensors": 0})
+    acc.Reload()
+    assert "run/summary/text_summary" in acc.Tags()["tensors"]
+
+
 def test_checkpoint_is_plain_data(run_dir):
     ckpt = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
     assert ckpt["iteration"] == 2

@@ -45,6 +45,7 @@ from fcnseg.engine.run_dir import check_room, checkpoint_size, claim_run_dir
 from fcnseg.engine.runtime import Runtime, seed_everything
 from fcnseg.engine.settings import TrainSettings
 from fcnseg.engine.step import NonFiniteLossError, TrainStep
+from fcnseg.engine.summary import run_summary
 from fcnseg.errors import UserError
 from fcnseg.metrics import SegMetrics
 from fcnseg.utils.checkpoint import set_rng_state
@@ -262,7 +263,12 @@ class Trainer:
                 metrics["fwiou"],
             )  # fmt: skip
             if self.writer is not None:
-                log_evaluation(self.writer, metrics, samples, self.iteration, self.normalize)
+                colors = self.config.get("dataset", {}).get("palette") or getattr(
+                    self.val_set, "palette", None
+                )  # the dataset's own colours, as evaluate.py draws them
+                log_evaluation(
+                    self.writer, metrics, samples, self.iteration, self.normalize, colors=colors
+                )
         return metrics
 
     def close(self) -> None:
@@ -410,19 +416,17 @@ class Trainer:
         return stop
 
     def _announce(self) -> None:
-        s, group = self.settings, self.optimizer.param_groups[0]
-        self.log.info(
-            "training iterations %d-%d on %s; run directory %s",
-            self.iteration + 1, s.max_iters, self.device, self.run_dir,
+        """The start-up block (``engine/summary.py``), in the log and in TensorBoard."""
+        lines = run_summary(
+            config=self.config, settings=self.settings, runtime=self.runtime,
+            sizes={"train": _size(self.train_set), "val": _size(self.val_set)},
+            optimizer=self.optimizer, scheduler=self.scheduler, start=self.iteration,
+            run_dir=self.run_dir,
         )  # fmt: skip
-        self.log.info(
-            "effective batch: %d images per process x %d process(es) x %d accumulation "
-            "step(s) = %d images per optimizer step; learning rate %g as configured (not scaled "
-            "with the batch)",
-            s.batch_size, self.dist.world_size, s.accumulate,
-            s.batch_size * self.dist.world_size * s.accumulate,
-            group.get("initial_lr", group["lr"]),
-        )  # fmt: skip
+        for line in lines:
+            self.log.info(line)
+        if self.writer is not None:
+            self.writer.add_text("run/summary", "\n\n".join(lines), self.iteration)
 
     def _log_train(self, loss: float, seconds: float) -> None:
         lr = self.optimizer.param_groups[0]["lr"]
@@ -442,3 +446,10 @@ class Trainer:
             if self.step.scaler.is_enabled():
                 scale = self.step.scaler.get_scale()
                 self.writer.add_scalar("train/amp_scale", scale, self.iteration)
+
+
+def _size(dataset: Dataset) -> int | None:
+    try:
+        return len(dataset)
+    except TypeError:
+        return None

@@ -1,0 +1,63 @@
+"""The block a training run starts its log with: what it trains, on what, how, and where."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fcnseg.engine.runtime import Runtime
+from fcnseg.engine.settings import TrainSettings
+
+
+def run_summary(
+    *,
+    config: Mapping[str, Any],
+    settings: TrainSettings,
+    runtime: Runtime,
+    sizes: Mapping[str, int | None],
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    start: int,
+    run_dir: Path,
+) -> list[str]:
+    """One line each: data, model, recipe, precision and devices, the run.
+
+    Args:
+        config: the run's resolved configuration (its ``dataset``, ``backbone``, ``head``).
+        settings, runtime: the run's settings and where it runs.
+        sizes: images per split, e.g. ``{"train": 367, "val": 101}``.
+        optimizer, scheduler: as built.
+        start: the first iteration this process runs (after a resume, the next one).
+        run_dir: where the run writes.
+    """
+    s, group, dist = settings, optimizer.param_groups[0], runtime.dist
+    ds, backbone = config.get("dataset", {}), config.get("backbone", {})
+    splits = ", ".join(f"{split} {n if n is not None else '?'}" for split, n in sizes.items())
+    if backbone.get("weights"):
+        weights = f"weights from {backbone['weights']}"
+    elif backbone.get("pretrained"):
+        weights = "ImageNet weights from torchvision"
+    else:
+        weights = "from scratch"
+    effective = s.batch_size * dist.world_size * s.accumulate
+    lr = group.get("initial_lr", group["lr"])
+    return [
+        f"data: {ds.get('name', '?')} at {ds.get('root') or '(built in)'}; {splits} images; "
+        f"crop {ds.get('crop_size')}",
+        f"model: backbone {_name(backbone)} ({weights}), head {_name(config.get('head', {}))}",
+        f"recipe: {type(optimizer).__name__} lr {lr:g} (not scaled with the batch), "
+        f"{type(scheduler).__name__}, iterations {start + 1}-{s.max_iters}; {s.batch_size} "
+        f"images per process x {dist.world_size} process(es) x {s.accumulate} accumulation "
+        f"step(s) = {effective} per step",
+        f"runtime: {runtime.device} x {dist.world_size} process(es), amp {runtime.amp}, "
+        f"channels_last {runtime.channels_last}, compile {runtime.compile}",
+        f"run directory: {run_dir}",
+    ]
+
+
+def _name(node: Mapping[str, Any]) -> str:
+    target = node.get("_target_", "?")
+    return target.rsplit(".", 1)[-1]
