@@ -20,6 +20,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -184,3 +185,21 @@ def checkpoint_size(optimizer: torch.optim.Optimizer) -> int:
         weights += sum(p.numel() * p.element_size() for p in group["params"])
         slots = max(slots, 2 if "betas" in group else int(bool(group.get("momentum", 0))))
     return weights * (1 + slots)
+
+
+def check_validation_split(val_set: Any) -> None:
+    """Refuses a run whose first evaluation would fail: an empty validation split, or one whose
+    first image does not read through the evaluation transform (its ``UserError``)."""
+    size = size_of(val_set)
+    if size == 0:
+        raise UserError("the validation split is empty: the run could never be evaluated")
+    if size:
+        val_set[0]
+
+
+def size_of(dataset: Any) -> int | None:
+    """``len(dataset)``, or ``None`` for a dataset without a length (a stream)."""
+    try:
+        return len(dataset)
+    except TypeError:
+        return None

@@ -41,12 +41,17 @@ from fcnseg.engine.evaluator import evaluate
 from fcnseg.engine.loss import SegLoss
 from fcnseg.engine.optim import build_optimizer
 from fcnseg.engine.preemption import StopSignals, TrainingInterrupted, shielded
-from fcnseg.engine.run_dir import check_room, checkpoint_size, claim_run_dir
+from fcnseg.engine.run_dir import (
+    check_room,
+    check_validation_split,
+    checkpoint_size,
+    claim_run_dir,
+    size_of,
+)
 from fcnseg.engine.runtime import Runtime, seed_everything
 from fcnseg.engine.settings import TrainSettings
 from fcnseg.engine.step import NonFiniteLossError, TrainStep
 from fcnseg.engine.summary import run_summary
-from fcnseg.errors import UserError
 from fcnseg.metrics import SegMetrics
 from fcnseg.utils.checkpoint import set_rng_state
 from fcnseg.utils.distributed import (
@@ -143,7 +148,9 @@ class Trainer:
         self._signals: StopSignals | None = None
         self._stopping = False  # every process agreed to stop after this step
         resumed = self._resume(s.resume) if s.resume else False
-        self._preflight()
+        # Before the first step: what the first evaluation and save need.
+        check_validation_split(self.val_set)
+        on_main(lambda: check_room(self.run_dir / "checkpoints", checkpoint_size(self.optimizer)))
         self.writer = None
         if self.dist.is_main:
             # On resume, drop the events the interrupted run logged after its checkpoint.
@@ -343,19 +350,6 @@ class Trainer:
         }
 
     # ------------------------------------------------------------------ helpers
-    def _preflight(self) -> None:
-        """Checks, before the first step, what the first evaluation and save will need."""
-        try:
-            size = len(self.val_set)
-        except TypeError:
-            size = None
-        if size == 0:
-            raise UserError("the validation split is empty: the run could never be evaluated")
-        if size:
-            self.val_set[0]  # readable through the evaluation transform (raises a UserError)
-        folder = self.run_dir / "checkpoints"
-        on_main(lambda: check_room(folder, checkpoint_size(self.optimizer)))
-
     def _stop_requested(self) -> bool:
         return self._signals is not None and self._signals.received is not None
 
@@ -419,7 +413,7 @@ class Trainer:
         """The start-up block (``engine/summary.py``), in the log and in TensorBoard."""
         lines = run_summary(
             config=self.config, settings=self.settings, runtime=self.runtime,
-            sizes={"train": _size(self.train_set), "val": _size(self.val_set)},
+            sizes={"train": size_of(self.train_set), "val": size_of(self.val_set)},
             optimizer=self.optimizer, scheduler=self.scheduler, start=self.iteration,
             run_dir=self.run_dir,
         )  # fmt: skip
@@ -446,10 +440,3 @@ class Trainer:
             if self.step.scaler.is_enabled():
                 scale = self.step.scaler.get_scale()
                 self.writer.add_scalar("train/amp_scale", scale, self.iteration)
-
-
-def _size(dataset: Dataset) -> int | None:
-    try:
-        return len(dataset)
-    except TypeError:
-        return None
