@@ -25,19 +25,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from fcnseg.errors import UserError
+from fcnseg.utils.validate import size_pair
 
 MODES = ("whole", "slide")
 # Rows resampled at a time: bounds the temporaries to (C, ROWS, W) whatever the image size.
 ROWS_PER_CHUNK = 64
-
-
-def _pair(value: int | Sequence[int] | None, key: str) -> tuple[int, int] | None:
-    if value is None:
-        return None
-    pair = (value, value) if isinstance(value, int) else tuple(int(v) for v in value)
-    if len(pair) != 2 or min(pair) < 1:
-        raise UserError(f"eval.{key}={value!r} must be a positive side or a [height, width] pair")
-    return pair  # type: ignore[return-value]
 
 
 class Inference:
@@ -69,8 +61,8 @@ class Inference:
         if mode not in MODES:
             raise UserError(f"eval.mode={mode!r} is not one of {', '.join(MODES)}")
         self.mode = mode
-        self.crop_size = _pair(crop_size, "crop_size")
-        self.stride = _pair(stride, "stride") or self.crop_size
+        self.crop_size = None if crop_size is None else size_pair(crop_size, name="eval.crop_size")
+        self.stride = self.crop_size if stride is None else size_pair(stride, name="eval.stride")
         if mode == "slide" and self.crop_size is None:
             raise UserError("eval.mode=slide needs eval.crop_size")
         self.scales = tuple(
