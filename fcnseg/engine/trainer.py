@@ -129,8 +129,8 @@ class Trainer:
         self.model = self.runtime.prepare(model, sync_bn=s.sync_bn)
         self.optimizer = build_optimizer(optimizer, self.model)
         self.scheduler = scheduler(self.optimizer)
-        # Unwrapped once: `self.model` is what we save and evaluate, the step trains the DDP.
         self._cudnn_benchmark = torch.backends.cudnn.benchmark  # the caller's, put back by fit
+        # Unwrapped once: `self.model` is what we save and evaluate, the step trains the DDP.
         device_ids = [self.device.index] if self.device.type == "cuda" else None
         ddp = DistributedDataParallel(self.model, device_ids) if self.dist.enabled else self.model
         self.step = TrainStep(
