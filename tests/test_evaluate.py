@@ -378,3 +378,20 @@ def test_evaluate_cityscapes_format_agrees_with_the_metrics(tmp_path):
     m = json.loads((tmp_path / "m.json").read_text())
     np.testing.assert_array_equal(np.array(m["confusion_matrix"]), confusion)
     assert m["num_images"] == 3 and (confusion.sum(0) > 0).sum() >= 3
+
+
+def test_pictures_show_images_spread_over_the_split():
+    from fcnseg.engine.evaluator import spread
+
+    assert spread(101, 4) == [0, 25, 50, 75] and spread(3, 4) == [0, 1, 2] and spread(5, 0) == []
+    dataset = SyntheticShapes(split="val", num_samples=7, min_size=32, max_size=40,
+                              transform=build_transforms(train=False))  # fmt: skip
+    model = torch.nn.Conv2d(3, 5, 1)
+    _, kept = evaluate(
+        model, eval_loader(dataset, num_workers=0), SegMetrics(5), device=torch.device("cpu"),
+        keep=spread(len(dataset), 3),
+    )  # fmt: skip
+    assert len(kept) == 3
+    for (image, target, _), index in zip(kept, [0, 2, 4]):  # 7 images, 3 pictures
+        torch.testing.assert_close(image, dataset[index][0], rtol=0, atol=0)
+        torch.testing.assert_close(target, dataset[index][1], rtol=0, atol=0)

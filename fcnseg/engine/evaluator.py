@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 import itertools
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +35,7 @@ def evaluate(
     *,
     device: torch.device,
     autocast: torch.autocast | None = None,
-    keep: int = 0,
+    keep: int | Collection[int] = 0,
     inference: Inference | None = None,
     on_prediction: PredictionSink | None = None,
     memory_format: torch.memory_format = torch.contiguous_format,
@@ -50,7 +50,8 @@ def evaluate(
         metrics: reset, filled and left holding the all-reduced confusion matrix.
         device: where the model runs.
         autocast: the forward's autocast context (the logits' average stays float32).
-        keep: return up to this many (image, target, prediction) triples, for pictures.
+        keep: return (image, target, prediction) triples for pictures: the first ``keep``
+            images, or those at the given positions of this process's loader (``spread``).
         inference: whole image, sliding windows, TTA; a plain whole-image pass by default.
         on_prediction: called with (dataset index, labels (H, W)) for every image, to save
             predictions; indices follow the loader's sampler when it is sequential.
@@ -69,6 +70,8 @@ def evaluate(
     ordered = isinstance(sampler, InferenceSampler | SequentialSampler)
     indices = iter(sampler) if ordered else itertools.count()
     info = get_info()
+    position = 0  # images seen by this process
+    wanted = set(range(keep)) if isinstance(keep, int) else set(keep)
     batches = iter(loader)
     try:
         for images, targets in progress(batches, desc="eval", enabled=info.is_main):
@@ -80,8 +83,10 @@ def evaluate(
                 index = next(indices)
                 if on_prediction is not None:
                     on_prediction(index, preds[i])
-            for i in range(min(images.shape[0], keep - len(kept))):
-                kept.append((images[i].cpu(), targets[i].cpu(), preds[i].cpu()))
+            for i in range(images.shape[0]):
+                if position in wanted:
+                    kept.append((images[i].cpu(), targets[i].cpu(), preds[i].cpu()))
+                position += 1
     finally:  # every way out stops the loader's workers (a generator's close() included)
         close = getattr(batches, "close", None)
         if close is not None:
@@ -96,6 +101,13 @@ def evaluate(
     metrics.add_confusion(totals[:-1].view(n, n).cpu(), int(totals[-1]))
     model.train(was_training)
     return metrics.compute(), kept
+
+
+def spread(total: int, count: int) -> list[int]:
+    """``count`` positions spread evenly over ``range(total)``: the images a picture shows, from
+    all of a split rather than its first consecutive frames."""
+    count = min(count, total)
+    return [k * total // count for k in range(count)] if count > 0 else []
 
 
 def evaluation_dataset(

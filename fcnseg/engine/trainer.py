@@ -37,7 +37,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from fcnseg.data.loader import eval_loader, train_loader
 from fcnseg.engine.checkpointer import restore, resume_path, write_checkpoint
-from fcnseg.engine.evaluator import evaluate
+from fcnseg.engine.evaluator import evaluate, spread
 from fcnseg.engine.loss import SegLoss
 from fcnseg.engine.optim import build_optimizer
 from fcnseg.engine.preemption import StopSignals, TrainingInterrupted, shielded
@@ -256,7 +256,7 @@ class Trainer:
         with self.runtime.untouched_rng(), self.runtime.cudnn_benchmark(False):
             metrics, samples = evaluate(
                 self.model, self._until_stop(loader), scorer, device=self.device,
-                autocast=self.runtime.autocast(), keep=self.settings.num_vis,
+                autocast=self.runtime.autocast(), keep=spread(len(loader), self.settings.num_vis),
                 memory_format=self.runtime.memory_format,
             )  # fmt: skip
         flag = torch.tensor([float(self._stop_requested())], device=self.device)
