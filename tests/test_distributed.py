@@ -158,7 +158,7 @@ def test_torchrun_two_processes_one_run_dir_stop_together_and_resume(tmp_path):
     log = "".join(lines) + rest
     assert time.monotonic() - sent < 60, log
     assert proc.returncode != 0
-    assert "2 process(es) x 1 accumulation step(s) = 4 images per optimizer step" in log
+    assert "2 images per process x 2 process(es) x 1 accumulation step(s) = 4 per step" in log
     assert "SIGTERM received by process 1 of 2" in log
     # Only rank 0 reports, and it had no signal of its own.
     assert len(re.findall("training stopped by", log)) == 1
