@@ -20,7 +20,9 @@ Environment:
   MASTER_PORT        node 0's rendezvous port (default 29500)
   FCNSEG_OUTPUT_DIR  where training runs go (default outputs; /outputs in the image)
   RUN_NAME           the run's folder under it (default: the start time, YYYY-MM-DD/HH-MM-SS);
-                     the same RUN_NAME again continues that run with trainer.resume=true
+                     the same RUN_NAME again continues that run from its last.pt
+  MAX_RESTARTS       train: times torchrun restarts the workers after one fails (default 3);
+                     each restart resumes from last.pt (trainer.resume=auto)
   TENSORBOARD_HOST   address TensorBoard listens on (default localhost; 0.0.0.0 in the image)
   TENSORBOARD_PORT   its port (default 6006)
   DRY_RUN=1          print the command instead of running it (same as --dry-run)
@@ -48,6 +50,7 @@ SCRIPTS = ROOT / "scripts"
 COMMANDS = ("train", "evaluate", "predict", "tensorboard")
 DISTRIBUTED = ("train", "evaluate")
 DEFAULT_MASTER_PORT = 29500
+DEFAULT_MAX_RESTARTS = 3
 DEFAULT_TENSORBOARD_PORT = 6006
 
 
@@ -227,7 +230,25 @@ def plan(
         output_dir = env.get("FCNSEG_OUTPUT_DIR") or "outputs"
         extra.append(f"hydra.run.dir={output_dir}/{run_name}")
 
-    argv_out = [*torchrun, *rendezvous, f"--nproc_per_node={nproc}", script, *overrides, *extra]
+    restarts: list[str] = []
+    if command == "train":
+        # A long job heals itself: when a worker dies, torchrun starts the workers again and
+        # they continue from last.pt (auto: a first start, with no last.pt, starts afresh).
+        # The user's own trainer.resume wins.
+        max_restarts = _env_int(env, "MAX_RESTARTS", DEFAULT_MAX_RESTARTS, minimum=0)
+        restarts = [f"--max-restarts={max_restarts}"]
+        if _override(overrides, "trainer.resume") is None:
+            extra.append("trainer.resume=auto")
+
+    argv_out = [
+        *torchrun,
+        *rendezvous,
+        f"--nproc_per_node={nproc}",
+        *restarts,
+        script,
+        *overrides,
+        *extra,
+    ]
     return Launch(argv_out, launch_env, notes)
 
 

@@ -61,8 +61,9 @@ def torchrun():
 def test_train_without_gpu_falls_back_to_one_cpu_process_with_gloo(torchrun):
     got = plan(["train", "optimizer.lr=0.01"], gpus=0, cpus=8)
     assert got.argv == [
-        torchrun, "--standalone", "--nproc_per_node=1", TRAIN,
+        torchrun, "--standalone", "--nproc_per_node=1", "--max-restarts=3", TRAIN,
         "optimizer.lr=0.01", "trainer.device=cpu", "hydra.run.dir=outputs/2030-01-02/03-04-05",
+        "trainer.resume=auto",
     ]  # fmt: skip
     # All 8 cores to the single worker, instead of torchrun's one thread per worker.
     assert got.env == {"OMP_NUM_THREADS": "8"}
@@ -72,8 +73,8 @@ def test_train_without_gpu_falls_back_to_one_cpu_process_with_gloo(torchrun):
 def test_train_uses_every_visible_gpu_by_default(torchrun):
     got = plan(["train"], gpus=4)
     assert got.argv == [
-        torchrun, "--standalone", "--nproc_per_node=4", TRAIN,
-        "hydra.run.dir=outputs/2030-01-02/03-04-05",
+        torchrun, "--standalone", "--nproc_per_node=4", "--max-restarts=3", TRAIN,
+        "hydra.run.dir=outputs/2030-01-02/03-04-05", "trainer.resume=auto",
     ]  # fmt: skip
     assert got.env == {}
 
@@ -111,12 +112,26 @@ def test_hydra_overrides_pass_through_unchanged_as_single_arguments():
 
 def test_run_directory_comes_from_the_output_dir_and_run_name():
     got = plan(["train"], {"FCNSEG_OUTPUT_DIR": "/outputs", "RUN_NAME": "voc-fcn8s"}, gpus=1)
-    assert got.argv[-1] == "hydra.run.dir=/outputs/voc-fcn8s"
+    assert "hydra.run.dir=/outputs/voc-fcn8s" in got.argv
     got = plan(["train", "hydra.run.dir=/elsewhere"], {"RUN_NAME": "ignored"}, gpus=1)
     assert [a for a in got.argv if a.startswith("hydra.run.dir=")] == ["hydra.run.dir=/elsewhere"]
     # A preset's own directory (under paths.outputs) is where its next stage looks for it.
     got = plan(["train", "experiment=voc_fcn16s"], {"FCNSEG_OUTPUT_DIR": "/outputs"}, gpus=1)
     assert not [a for a in got.argv if a.startswith("hydra.run.dir=")]
+
+
+def test_train_restarts_failed_workers_and_resumes_from_last_checkpoint():
+    got = plan(["train"], {"MAX_RESTARTS": "5"}, gpus=2)
+    assert got.argv.count("--max-restarts=5") == 1
+    assert got.argv.index("--max-restarts=5") < got.argv.index(TRAIN)  # torchrun's, not Hydra's
+    assert got.argv[-1] == "trainer.resume=auto"
+    assert "--max-restarts=0" in plan(["train"], {"MAX_RESTARTS": "0"}, gpus=2).argv
+    # The user's own choice of resume is kept, and not repeated.
+    got = plan(["train", "trainer.resume=false"], gpus=2)
+    assert [a for a in got.argv if "trainer.resume=" in a] == ["trainer.resume=false"]
+    # Evaluation is short and restarts nothing.
+    got = plan(["evaluate", "checkpoint=c.pt"], gpus=2)
+    assert not [a for a in got.argv if "restarts" in a or "resume" in a]
 
 
 def test_empty_variables_count_as_unset():
@@ -134,7 +149,8 @@ def test_multi_node_uses_the_static_rendezvous_on_the_master(torchrun):
     got = plan(["train", "dataset=voc"], env, gpus=8)
     assert got.argv == [
         torchrun, "--nnodes=2", "--node_rank=1", "--master_addr=10.1.2.3", "--master_port=29400",
-        "--nproc_per_node=8", TRAIN, "dataset=voc", "hydra.run.dir=/outputs/exp1",
+        "--nproc_per_node=8", "--max-restarts=3", TRAIN, "dataset=voc",
+        "hydra.run.dir=/outputs/exp1", "trainer.resume=auto",
     ]  # fmt: skip
 
 
@@ -164,6 +180,7 @@ def test_multi_node_master_port_defaults_to_29500():
             "MASTER_PORT=70000",
         ),
         ({"NPROC": "8"}, "NPROC=8 but only 4 GPU(s)"),
+        ({"MAX_RESTARTS": "-1"}, "MAX_RESTARTS='-1'"),
     ],
 )
 def test_bad_environment_is_one_sentence_naming_the_variable(env, culprit):
@@ -247,8 +264,9 @@ def test_dry_run_prints_the_exact_multi_node_command(torchrun):
     assert result.returncode == 0, result.stderr
     expected = shlex.join([
         torchrun, "--nnodes=2", "--node_rank=0", "--master_addr=127.0.0.1", "--master_port=29555",
-        "--nproc_per_node=2", TRAIN, "trainer.device=cpu", "dataset.builder.num_samples={train: 8}",
-        "hydra.run.dir=/outputs/exp",
+        "--nproc_per_node=2", "--max-restarts=3", TRAIN, "trainer.device=cpu",
+        "dataset.builder.num_samples={train: 8}", "hydra.run.dir=/outputs/exp",
+        "trainer.resume=auto",
     ])  # fmt: skip
     assert result.stdout == expected + "\n"
 
@@ -260,8 +278,8 @@ def test_dry_run_without_gpu_plans_cpu_gloo(torchrun):
     result = _run("--dry-run", "train", env={"RUN_NAME": "r", "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr
     expected = shlex.join([
-        torchrun, "--standalone", "--nproc_per_node=1", TRAIN, "trainer.device=cpu",
-        "hydra.run.dir=outputs/r",
+        torchrun, "--standalone", "--nproc_per_node=1", "--max-restarts=3", TRAIN,
+        "trainer.device=cpu", "hydra.run.dir=outputs/r", "trainer.resume=auto",
     ])  # fmt: skip
     assert result.stdout == expected + "\n"
     assert "gloo" in result.stderr
