@@ -58,6 +58,7 @@ def main(cfg: DictConfig) -> None:
             config=OmegaConf.to_container(cfg, resolve=True), class_names=ds.class_names,
             normalize=ds.normalize, batching=ds.get("batching", "pad"),
             resume_command=resume_command(),
+            loggers=[instantiate(node) for node in (cfg.get("logger") or {}).values()],
         )  # fmt: skip
         if trainer.dist.is_main:
             save_hydra_config(cfg, trainer.run_dir / ".hydra")

@@ -33,11 +33,11 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Dataset
-from torch.utils.tensorboard import SummaryWriter
 
 from fcnseg.data.loader import eval_loader, train_loader
 from fcnseg.engine.checkpointer import restore, resume_path, write_checkpoint
 from fcnseg.engine.evaluator import evaluate, spread
+from fcnseg.engine.loggers import Evaluation, ExperimentLogger, LoggerGroup, TensorBoardLogger
 from fcnseg.engine.loss import SegLoss
 from fcnseg.engine.optim import build_optimizer
 from fcnseg.engine.preemption import StopSignals, TrainingInterrupted, shielded
@@ -61,7 +61,6 @@ from fcnseg.utils.distributed import (
     shared_run_dir,
 )
 from fcnseg.utils.logging import progress, setup_logging
-from fcnseg.utils.visualize import log_evaluation
 
 __all__ = ["NonFiniteLossError", "Trainer", "TrainingInterrupted", "TrainSettings"]
 
@@ -70,9 +69,9 @@ class Trainer:
     """Trains ``model`` on ``train_set`` and evaluates it on ``val_set`` every ``eval_interval``.
 
     Everything the run writes goes to ``run_dir``: ``checkpoints/last.pt`` and ``best.pt`` (by
-    validation mIoU), ``tensorboard/``, ``metrics.json`` (the last evaluation) and ``train.log``.
-    Under torchrun every process trains on its share of each batch, all of them use rank 0's
-    ``run_dir``, and only rank 0 writes.
+    validation mIoU), ``metrics.json`` (the last evaluation), ``train.log`` and what the
+    ``loggers`` write (``tensorboard/`` by default). Under torchrun every process trains on its
+    share of each batch, all of them use rank 0's ``run_dir``, and only rank 0 writes.
 
     Args:
         settings: the run's ``trainer.*`` settings.
@@ -91,6 +90,8 @@ class Trainer:
         resume_command: the command that resumes this run, shown when it is interrupted.
         runtime: the device, group and precision, when the caller set them up (else from
             ``settings``).
+        loggers: ``(run_dir=, resume_from=) -> ExperimentLogger`` factories
+            (``fcnseg.engine.loggers``), called on rank 0; TensorBoard alone by default.
     """
 
     def __init__(
@@ -110,6 +111,7 @@ class Trainer:
         batching: str = "pad",
         resume_command: str | None = None,
         runtime: Runtime | None = None,
+        loggers: Sequence[Callable[..., ExperimentLogger]] | None = None,
     ) -> None:
         s = self.settings = settings
         self.train_set, self.val_set, self.config = train_set, val_set, config
@@ -151,18 +153,17 @@ class Trainer:
         # Before the first step: what the first evaluation and save need.
         check_validation_split(self.val_set)
         on_main(lambda: check_room(self.run_dir / "checkpoints", checkpoint_size(self.optimizer)))
-        self.writer = None
-        if self.dist.is_main:
-            # On resume, drop the events the interrupted run logged after its checkpoint.
-            purge = self.iteration + 1 if resumed else None
-            self.writer = SummaryWriter(self.run_dir / "tensorboard", purge_step=purge)
+        # Rank 0 alone logs; a resumed run's loggers drop what was logged after its checkpoint.
+        makers = ([TensorBoardLogger] if loggers is None else loggers) if self.dist.is_main else []
+        start = self.iteration if resumed else None
+        self.loggers = LoggerGroup(make(run_dir=self.run_dir, resume_from=start) for make in makers)
 
     # ------------------------------------------------------------------ the loop
     def fit(self) -> dict[str, Any]:
         """Trains to ``max_iters`` and returns the last evaluation's metrics.
 
         Every way out (the end, a stop signal, an error) stops the loader's workers, closes
-        TensorBoard and releases the run directory.
+        the loggers and releases the run directory.
 
         Raises:
             TrainingInterrupted: SIGTERM/SIGINT arrived; ``last.pt`` holds the last complete step.
@@ -186,6 +187,7 @@ class Trainer:
         )
         with self.runtime.untouched_rng():
             batches = iter(loader)
+        outcome = "failed"  # until the loop ends or a stop signal is honoured
         try:
             with StopSignals(self.log, self.dist) as self._signals:
                 self.step.module.train()
@@ -209,13 +211,16 @@ class Trainer:
                     ):
                         self.save("last.pt")
                 if self._stopping:
+                    outcome = "interrupted"
                     raise self._interrupted()
+            for path in (self.run_dir / "checkpoints" / "best.pt", self.run_dir / "metrics.json"):
+                self.loggers.log_artifact(path)  # kept with the run by loggers that keep files
+            outcome = "finished"
         finally:
             self._signals = None
             batches.close()
             bar.close()
-            if self.writer is not None:
-                self.writer.close()  # reopened by any later write
+            self.loggers.close(outcome)
             torch.backends.cudnn.benchmark = self._cudnn_benchmark
             self.close()
         return self.metrics
@@ -269,13 +274,11 @@ class Trainer:
                 self.iteration, metrics["miou"], metrics["pixel_acc"], metrics["mean_acc"],
                 metrics["fwiou"],
             )  # fmt: skip
-            if self.writer is not None:
-                colors = self.config.get("dataset", {}).get("palette") or getattr(
-                    self.val_set, "palette", None
-                )  # the dataset's own colours, as evaluate.py draws them
-                log_evaluation(
-                    self.writer, metrics, samples, self.iteration, self.normalize, colors=colors
-                )
+            colors = self.config.get("dataset", {}).get("palette") or getattr(
+                self.val_set, "palette", None
+            )  # the dataset's own colours, as evaluate.py draws them
+            evaluation = Evaluation(metrics, samples, self.normalize, colors)
+            self.loggers.log_evaluation(evaluation, self.iteration)
         return metrics
 
     def close(self) -> None:
@@ -410,7 +413,8 @@ class Trainer:
         return stop
 
     def _announce(self) -> None:
-        """The start-up block (``engine/summary.py``), in the log and in TensorBoard."""
+        """The start-up block (``engine/summary.py``) in the log and the loggers, which also
+        record the resolved configuration."""
         lines = run_summary(
             config=self.config, settings=self.settings, runtime=self.runtime,
             sizes={"train": size_of(self.train_set), "val": size_of(self.val_set)},
@@ -419,8 +423,8 @@ class Trainer:
         )  # fmt: skip
         for line in lines:
             self.log.info(line)
-        if self.writer is not None:
-            self.writer.add_text("run/summary", "\n\n".join(lines), self.iteration)
+        self.loggers.log_text("run/summary", "\n\n".join(lines), self.iteration)
+        self.loggers.log_params(self.config)
 
     def _log_train(self, loss: float, seconds: float) -> None:
         lr = self.optimizer.param_groups[0]["lr"]
@@ -432,11 +436,9 @@ class Trainer:
             self.iteration, self.settings.max_iters, loss, lr,
             seconds / self.settings.log_interval, skipped,
         )  # fmt: skip
-        if self.writer is not None:
-            self.writer.add_scalar("train/loss", loss, self.iteration)
-            self.writer.add_scalar("train/lr", lr, self.iteration)
-            if self.skipped_steps:
-                self.writer.add_scalar("train/skipped_steps", self.skipped_steps, self.iteration)
-            if self.step.scaler.is_enabled():
-                scale = self.step.scaler.get_scale()
-                self.writer.add_scalar("train/amp_scale", scale, self.iteration)
+        scalars = {"train/loss": loss, "train/lr": lr}
+        if self.skipped_steps:
+            scalars["train/skipped_steps"] = self.skipped_steps
+        if self.step.scaler.is_enabled():
+            scalars["train/amp_scale"] = self.step.scaler.get_scale()
+        self.loggers.log_scalars(scalars, self.iteration)

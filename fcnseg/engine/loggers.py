@@ -1,0 +1,363 @@
+"""Experiment logs: where a training run's scalars, text, pictures and outputs go.
+
+The trainer talks to one ``ExperimentLogger``, a ``LoggerGroup`` over the backends the run
+chose (``logger=[tensorboard,csv,mlflow]``): ``TensorBoardLogger`` (``RUN/tensorboard/``),
+``CSVLogger`` (``RUN/metrics.csv``) and ``MLflowLogger`` (an MLflow tracking store). Each
+backend is built by ``factory(run_dir=..., resume_from=...)`` on the main process only, so a
+resumed run can drop what the interrupted one logged after its checkpoint (TensorBoard's
+``purge_step``, the CSV's later rows) and nothing is logged twice by several processes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import os
+import re
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.tensorboard import SummaryWriter
+
+from fcnseg.errors import UserError
+from fcnseg.metrics import format_table
+from fcnseg.utils.logging import get_logger
+from fcnseg.utils.visualize import log_evaluation
+
+__all__ = [
+    "CSVLogger",
+    "Evaluation",
+    "ExperimentLogger",
+    "LoggerGroup",
+    "MLflowLogger",
+    "TensorBoardLogger",
+]
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """One evaluation as the loggers receive it.
+
+    Attributes:
+        metrics: ``SegMetrics.compute()`` output.
+        samples: (normalised image, target, prediction) triples to picture; may be empty.
+        normalize: the images' normalisation name, to show them as they were loaded.
+        colors: the class colours; the VOC map when ``None``.
+        prefix: the tags' prefix.
+    """
+
+    metrics: Mapping[str, Any]
+    samples: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = ()
+    normalize: str = "imagenet"
+    colors: Any = None
+    prefix: str = "val"
+
+    def scalars(self) -> dict[str, float]:
+        """``prefix/miou``, ``pixel_acc``, ``mean_acc``, ``fwiou`` and ``prefix/iou/<class>``
+        for the classes scored: the scalar tags ``fcnseg.utils.visualize.log_evaluation``
+        writes to TensorBoard."""
+        m, p = self.metrics, self.prefix
+        out = {f"{p}/{key}": float(m[key]) for key in ("miou", "pixel_acc", "mean_acc", "fwiou")}
+        for name, iou in zip(m["class_names"], m["iou"]):
+            if iou is not None:
+                out[f"{p}/iou/{name}"] = float(iou)
+        return out
+
+
+class ExperimentLogger:
+    """What a training run tells an experiment log.
+
+    Every method does nothing here: a backend overrides what it can show. Steps are training
+    iterations.
+    """
+
+    def log_params(self, config: Mapping[str, Any]) -> None:
+        """Records the run's resolved configuration."""
+
+    def log_scalars(self, values: Mapping[str, float], step: int) -> None:
+        """Records scalars such as ``{"train/loss": 0.7, "train/lr": 0.01}`` at ``step``."""
+
+    def log_text(self, tag: str, text: str, step: int) -> None:
+        """Records a text (Markdown) under ``tag`` at ``step``."""
+
+    def log_evaluation(self, evaluation: Evaluation, step: int) -> None:
+        """Records an evaluation: its scalars and table, and its pictures where shown."""
+        self.log_scalars(evaluation.scalars(), step)
+        table = f"```\n{format_table(dict(evaluation.metrics))}\n```"
+        self.log_text(f"{evaluation.prefix}/table", table, step)
+
+    def log_artifact(self, path: Path) -> None:
+        """Stores a copy of the run directory's file ``path`` (e.g. ``best.pt``) with the run."""
+
+    def close(self, status: str = "finished") -> None:
+        """Ends the log; ``status`` is ``finished``, ``interrupted`` or ``failed``."""
+
+
+class LoggerGroup(ExperimentLogger):
+    """Hands every record to each of ``loggers`` in turn; empty, it logs nothing."""
+
+    def __init__(self, loggers: Iterable[ExperimentLogger] = ()) -> None:
+        self.loggers = list(loggers)
+
+    def log_params(self, config: Mapping[str, Any]) -> None:
+        for logger in self.loggers:
+            logger.log_params(config)
+
+    def log_scalars(self, values: Mapping[str, float], step: int) -> None:
+        for logger in self.loggers:
+            logger.log_scalars(values, step)
+
+    def log_text(self, tag: str, text: str, step: int) -> None:
+        for logger in self.loggers:
+            logger.log_text(tag, text, step)
+
+    def log_evaluation(self, evaluation: Evaluation, step: int) -> None:
+        for logger in self.loggers:
+            logger.log_evaluation(evaluation, step)
+
+    def log_artifact(self, path: Path) -> None:
+        for logger in self.loggers:
+            logger.log_artifact(path)
+
+    def close(self, status: str = "finished") -> None:
+        # Every logger is closed even when one fails to; the first error is raised after.
+        with contextlib.ExitStack() as stack:
+            for logger in reversed(self.loggers):
+                stack.callback(logger.close, status)
+
+
+class TensorBoardLogger(ExperimentLogger):
+    """``run_dir/tensorboard/``: scalars, text, and per evaluation its table, an input | ground
+    truth | prediction grid, the confusion matrix and the per-class IoU bars.
+
+    Args:
+        run_dir: the run's folder.
+        resume_from: the iteration a resumed run continues from: the events the interrupted
+            run wrote after it are dropped (``purge_step``).
+    """
+
+    def __init__(self, run_dir: str | Path, *, resume_from: int | None = None) -> None:
+        purge = resume_from + 1 if resume_from is not None else None
+        self.writer = SummaryWriter(Path(run_dir) / "tensorboard", purge_step=purge)
+
+    def log_scalars(self, values: Mapping[str, float], step: int) -> None:
+        for tag, value in values.items():
+            self.writer.add_scalar(tag, value, step)
+
+    def log_text(self, tag: str, text: str, step: int) -> None:
+        self.writer.add_text(tag, text, step)
+
+    def log_evaluation(self, evaluation: Evaluation, step: int) -> None:
+        e = evaluation
+        log_evaluation(
+            self.writer, dict(e.metrics), e.samples, step, e.normalize, prefix=e.prefix,
+            colors=e.colors,
+        )  # fmt: skip
+
+    def close(self, status: str = "finished") -> None:
+        self.writer.close()  # reopened by any later write
+
+
+class CSVLogger(ExperimentLogger):
+    """``run_dir/metrics.csv``: one row per logged iteration, one column per scalar.
+
+    The first column is ``iteration``; the others follow in the order they were first logged
+    (``train/loss``, ``train/lr``, ``val/miou``, ...). A scalar first logged late adds a column
+    and the file is rewritten with it, earlier rows left blank there, so that every row has
+    the header's fields and ``pandas.read_csv`` reads the file as is, also while the run
+    writes it.
+
+    Args:
+        run_dir: the run's folder.
+        resume_from: the iteration a resumed run continues from: the file's rows after it,
+            written by the interrupted run past its checkpoint, are dropped.
+    """
+
+    def __init__(self, run_dir: str | Path, *, resume_from: int | None = None) -> None:
+        self.path = Path(run_dir) / "metrics.csv"
+        self.columns: list[str] = ["iteration"]
+        self.rows: list[dict[str, Any]] = []
+        if resume_from is not None and self.path.is_file():
+            with self.path.open(newline="") as f:
+                reader = csv.DictReader(f)
+                self.columns = list(reader.fieldnames or self.columns)
+                for row in reader:
+                    step = row.get("iteration") or ""
+                    if step.isdigit() and int(step) <= resume_from:
+                        self.rows.append({**row, "iteration": int(step)})
+        self._rewrite()
+
+    def log_scalars(self, values: Mapping[str, float], step: int) -> None:
+        new = [key for key in values if key not in self.columns]
+        self.columns += new
+        if self.rows and self.rows[-1]["iteration"] == step:  # e.g. val/* after train/*
+            self.rows[-1].update(values)
+            self._rewrite()
+            return
+        self.rows.append({"iteration": step, **values})
+        if new:
+            self._rewrite()
+        else:
+            with self.path.open("a", newline="") as f:
+                self._writer(f).writerow(self.rows[-1])
+
+    def _writer(self, f) -> csv.DictWriter:
+        return csv.DictWriter(f, self.columns, restval="", extrasaction="ignore")
+
+    def _rewrite(self) -> None:
+        # Atomic: a reader, or a run killed mid-write, never sees half a file.
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        with tmp.open("w", newline="") as f:
+            writer = self._writer(f)
+            writer.writeheader()
+            writer.writerows(self.rows)
+        os.replace(tmp, self.path)
+
+
+# MLflow refuses a param value longer than this (mlflow.utils.validation.MAX_PARAM_VAL_LENGTH).
+_MAX_PARAM_LENGTH = 6000
+_STATUS = {"finished": "FINISHED", "interrupted": "KILLED", "failed": "FAILED"}
+
+
+class MLflowLogger(ExperimentLogger):
+    """An MLflow run: the resolved configuration as params (flattened: ``trainer.max_iters``),
+    the scalars as metrics, text as artifacts, and the files the trainer hands over (the best
+    checkpoint, ``metrics.json``) as artifacts.
+
+    The run's identity is kept in ``run_dir/mlflow.json``, so that a resumed run continues the
+    same MLflow run. MLflow cannot rewrite a metric's history: a resumed run skips, per metric,
+    the steps already logged (an exact resume recomputes the same values).
+
+    Args:
+        run_dir: the run's folder.
+        resume_from: the iteration a resumed run continues from.
+        tracking_uri: a tracking server (``http://host:5000``), a database
+            (``sqlite:///mlflow.db``) or a local folder (``file:PATH`` or a plain path).
+        experiment: the MLflow experiment, created when missing.
+        run_name: shown in the MLflow UI; ``None``: the run directory's last two parts.
+        log_checkpoints: store ``best.pt`` with the run (at the end of training).
+
+    Raises:
+        UserError: MLflow is not installed.
+    """
+
+    def __init__(
+        self,
+        run_dir: str | Path,
+        *,
+        resume_from: int | None = None,
+        tracking_uri: str,
+        experiment: str = "fcnseg",
+        run_name: str | None = None,
+        log_checkpoints: bool = True,
+    ) -> None:
+        if "://" not in tracking_uri and not tracking_uri.startswith("file:"):
+            tracking_uri = Path(tracking_uri).resolve().as_uri()  # a folder
+        if tracking_uri.startswith("file:"):
+            # MLflow 3 keeps its file store in maintenance mode behind this switch; a local
+            # folder needs no server or database, so it stays the default here.
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+        try:
+            from mlflow.exceptions import MlflowException
+            from mlflow.tracking import MlflowClient
+        except ImportError as err:
+            raise UserError(
+                "logger=mlflow needs MLflow, which is not installed: pip install 'fcnseg[mlflow]'"
+            ) from err
+        self.run_dir, self.log_checkpoints = Path(run_dir), log_checkpoints
+        self.client = MlflowClient(tracking_uri)
+        self.logged: dict[str, int] = {}  # metric -> last step it holds (a resumed run)
+        self.params: set[str] = set()
+        record = self.run_dir / "mlflow.json"
+        self.run_id = None
+        if resume_from is not None and record.is_file():
+            previous = json.loads(record.read_text())
+            if previous.get("tracking_uri") == tracking_uri:
+                with contextlib.suppress(MlflowException):
+                    self._continue(previous["run_id"])
+        if self.run_id is None:
+            name = run_name or "/".join(self.run_dir.resolve().parts[-2:])
+            run = self.client.create_run(
+                self._experiment_id(experiment), run_name=name,
+                tags={"fcnseg.run_dir": str(self.run_dir.resolve())},
+            )  # fmt: skip
+            self.run_id = run.info.run_id
+            record.write_text(json.dumps({"tracking_uri": tracking_uri, "run_id": self.run_id}))
+        get_logger().info("MLflow run %s at %s", self.run_id, tracking_uri)
+
+    def _experiment_id(self, name: str) -> str:
+        found = self.client.get_experiment_by_name(name)
+        if found is not None:
+            return found.experiment_id
+        try:
+            return self.client.create_experiment(name)
+        except Exception:  # created meanwhile by another run of the sweep
+            found = self.client.get_experiment_by_name(name)
+            if found is None:
+                raise
+            return found.experiment_id
+
+    def _continue(self, run_id: str) -> None:
+        run = self.client.get_run(run_id)
+        self.params = set(run.data.params)  # MLflow refuses to change a param's value
+        for key in run.data.metrics:
+            self.logged[key] = max(m.step for m in self.client.get_metric_history(run_id, key))
+        self.client.update_run(run_id, status="RUNNING")
+        self.run_id = run_id
+
+    def log_params(self, config: Mapping[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        params = [
+            Param(key, value[:_MAX_PARAM_LENGTH])
+            for key, value in _flatten(config).items()
+            if key not in self.params
+        ]
+        self.client.log_batch(self.run_id, params=params)
+        self.params.update(p.key for p in params)
+
+    def log_scalars(self, values: Mapping[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        metrics = [
+            Metric(_key(tag), float(value), now, step)
+            for tag, value in values.items()
+            if step > self.logged.get(_key(tag), -1)
+        ]
+        if metrics:
+            self.client.log_batch(self.run_id, metrics=metrics)
+
+    def log_text(self, tag: str, text: str, step: int) -> None:
+        self.client.log_text(self.run_id, text, f"{_key(tag)}.md")  # the latest one
+
+    def log_artifact(self, path: Path) -> None:
+        if not path.is_file() or (path.suffix == ".pt" and not self.log_checkpoints):
+            return  # e.g. no best.pt: a resumed run that did not beat its checkpoint's best
+        folder = path.resolve().parent.relative_to(self.run_dir.resolve()).as_posix()
+        self.client.log_artifact(self.run_id, str(path), None if folder == "." else folder)
+
+    def close(self, status: str = "finished") -> None:
+        self.client.set_terminated(self.run_id, status=_STATUS.get(status, "FAILED"))
+
+
+def _key(tag: str) -> str:
+    """``tag`` with what MLflow refuses in a name (e.g. brackets in a class name) as ``_``."""
+    return re.sub(r"[^\w\-. :/]", "_", tag)
+
+
+def _flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """``{"trainer": {"max_iters": 2}}`` -> ``{"trainer.max_iters": "2"}``; lists as JSON."""
+    out: dict[str, str] = {}
+    for key, value in config.items():
+        name = _key(f"{prefix}{key}")
+        if isinstance(value, Mapping) and value:
+            out.update(_flatten(value, f"{name}."))
+        else:
+            out[name] = value if isinstance(value, str) else json.dumps(value)
+    return out
