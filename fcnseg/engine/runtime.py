@@ -73,6 +73,32 @@ def choose_precision(amp: str, device: torch.device) -> str:
     return amp
 
 
+def match_grad_strides(model: nn.Module) -> None:
+    """Makes each gradient of ``model`` arrive with its parameter's strides, as DDP wants them.
+
+    Autograd keeps a gradient whose strides differ from its parameter's in dimensions of size 1
+    only (the same elements at the same addresses), but DDP's reducer compares every stride with
+    its bucket's, which are the parameter's, and warns "Grad strides do not match bucket view
+    strides" on every process. Compiled backward passes in bf16 produce such gradients: a 1x1
+    convolution's weight (C, K, 1, 1) of strides (K, 1, 1, 1) gets a gradient of strides
+    (K, 1, K, K), the channels_last strides of that shape. Re-striding it costs nothing (no
+    copy) and happens before DDP sees the gradient (a post-accumulate-grad hook runs inside
+    autograd's accumulation, DDP's hook after it).
+    """
+    for param in model.parameters():
+        if param.requires_grad:
+            param.register_post_accumulate_grad_hook(_restride_grad)
+
+
+def _restride_grad(param: torch.Tensor) -> None:
+    grad = param.grad
+    if grad is None or grad.layout != torch.strided or grad.stride() == param.stride():
+        return
+    sizes, strides, wanted = grad.shape, grad.stride(), param.stride()
+    if all(a == b for n, a, b in zip(sizes, strides, wanted) if n != 1):
+        param.grad = grad.as_strided(sizes, wanted, grad.storage_offset())
+
+
 def cpu_has_bf16() -> bool:
     """Whether this CPU has bfloat16 instructions (Linux's /proc/cpuinfo; else assumed)."""
     try:

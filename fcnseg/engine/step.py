@@ -14,9 +14,11 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.nn.modules.batchnorm import _NormBase
+from torch.nn.parallel import DistributedDataParallel
 
 from fcnseg.engine.loss import SegLoss
-from fcnseg.engine.runtime import Runtime
+from fcnseg.engine.runtime import Runtime, match_grad_strides
 from fcnseg.errors import UserError
 from fcnseg.utils.distributed import all_reduce_sum
 from fcnseg.utils.logging import get_logger
@@ -24,6 +26,19 @@ from fcnseg.utils.logging import get_logger
 # cuDNN autotunes every new input shape; past this many shapes (training on whole images of
 # varying sizes rather than fixed crops) the tuning costs more than it saves and is turned off.
 BENCHMARK_MAX_SHAPES = 8
+
+
+def running_statistics(module: nn.Module) -> list[torch.Tensor]:
+    """The buffers a training forward pass of ``module`` changes: the running mean, variance
+    and batch count of its normalisation layers (BatchNorm, SyncBatchNorm, InstanceNorm with
+    ``track_running_stats``) in training mode. Other buffers, and the parameters, change only
+    in the optimizer step, which a non-finite step does not take."""
+    return [
+        buffer
+        for layer in module.modules()
+        if isinstance(layer, _NormBase) and layer.track_running_stats and layer.training
+        for buffer in layer.buffers(recurse=False)
+    ]
 
 
 class NonFiniteLossError(UserError):
@@ -57,8 +72,9 @@ class TrainStep:
     ``iter_size`` made it. One all-reduce per step carries the loss and every process's stop
     request, so all processes see the same loss and stop after the same step.
 
-    A non-finite loss updates nothing: the gradients are dropped and, with ``keep_buffers``,
-    the buffers the forward pass changed (BatchNorm's running statistics) are put back.
+    A non-finite loss updates nothing: the optimizer step is not taken, the gradients are
+    dropped and, with ``keep_buffers``, the only state a training forward pass changes, the
+    normalisation layers' running statistics (``running_statistics``), is put back.
 
     Args:
         module: the network as trained (wrapped in DistributedDataParallel under torchrun).
@@ -67,7 +83,8 @@ class TrainStep:
         loss: logits, labels -> scalar loss.
         runtime: device, autocast, memory layout, compilation.
         accumulate: micro-batches per step.
-        keep_buffers: restore the buffers after a non-finite step (costs one copy per step).
+        keep_buffers: restore the running statistics after a non-finite step (a copy of
+            them per step: 2 x channels + 1 numbers per BatchNorm layer, none without BN).
         cudnn_benchmark: let cuDNN autotune the convolutions for the training input shapes.
     """
 
@@ -86,7 +103,9 @@ class TrainStep:
         self.module, self.optimizer, self.scheduler = module, optimizer, scheduler
         self.loss = loss.to(runtime.device)
         self.runtime, self.accumulate, self.keep_buffers = runtime, accumulate, keep_buffers
-        self.forward = runtime.compiled(module)
+        if isinstance(module, DistributedDataParallel):
+            match_grad_strides(module.module)  # DDP's buckets take the parameters' strides
+        self.forward = runtime.compiled(module)  # compile(DDP): DDP's graph breaks per bucket
         self.scaler = runtime.grad_scaler()
         if runtime.amp == "fp16" and loss.reduction == "sum":
             get_logger().warning(
@@ -107,7 +126,8 @@ class TrainStep:
                 f"a batch of {len(images)} cannot make {self.accumulate} micro-batches"
             )
         self._note_shape(images)
-        buffers = [b.clone() for b in self.module.buffers()] if self.keep_buffers else []
+        kept = running_statistics(self.module) if self.keep_buffers else []
+        saved = [b.clone() for b in kept]
         self.optimizer.zero_grad(set_to_none=True)
         chunks = list(
             zip(images.tensor_split(self.accumulate), targets.tensor_split(self.accumulate))
@@ -136,8 +156,8 @@ class TrainStep:
         else:
             self.optimizer.zero_grad(set_to_none=True)
             with torch.no_grad():
-                for buffer, saved in zip(self.module.buffers(), buffers):
-                    buffer.copy_(saved)
+                for buffer, before in zip(kept, saved):
+                    buffer.copy_(before)
         self.scheduler.step()
         return StepResult(loss=value, finite=finite, stop=stops > 0, overflow=overflow)
 
