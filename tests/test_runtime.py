@@ -10,6 +10,7 @@ import torch
 from test_resume import NUM_CLASSES, one_thread, tiny_trainer  # noqa: F401 - fixture
 
 from fcnseg.engine import runtime
+from fcnseg.engine.summary import run_summary
 from fcnseg.errors import UserError
 from fcnseg.utils.distributed import resolve_device
 
@@ -75,12 +76,15 @@ def test_auto_picks_the_hardwares_precision(gpus, monkeypatch, logged, device, n
     gpus(1, bf16=native_bf16, name="Tesla T4")
     monkeypatch.setattr(runtime, "cpu_has_bf16", lambda: native_bf16)
     dev = torch.device(device, 0) if device == "cuda" else torch.device("cpu")
-    assert runtime.choose_precision("auto", dev) == auto
-    assert f"trainer.amp=auto: {auto} (" in logged[-1].getMessage()
+    chosen, note = runtime.choose_precision("auto", dev)
+    assert chosen == auto and note.startswith("picked by trainer.amp=auto: ")
+    why = note.removeprefix("picked by trainer.amp=auto: ")
+    assert logged[-1].getMessage() == f"trainer.amp=auto picks {auto}: {why}"
+    assert ("has native bfloat16" in why or "has bf16 instructions" in why) == (auto == "bf16")
     # What auto picks, asked for explicitly, runs without a word; so does fp32.
     before = len(logged)
-    assert runtime.choose_precision(auto, dev) == auto
-    assert runtime.choose_precision("none", dev) == "none"
+    assert runtime.choose_precision(auto, dev) == (auto, "")
+    assert runtime.choose_precision("none", dev) == ("none", "")
     assert len(logged) == before
 
 
@@ -98,10 +102,12 @@ def test_a_precision_the_hardware_runs_badly_runs_with_a_warning(
     gpus(1, bf16=native_bf16, name="Tesla T4")
     monkeypatch.setattr(runtime, "cpu_has_bf16", lambda: native_bf16)
     dev = torch.device(device, 0) if device == "cuda" else torch.device("cpu")
-    assert runtime.choose_precision(asked, dev) == asked
+    chosen, note = runtime.choose_precision(asked, dev)
+    assert chosen == asked
     record = logged[-1]
     assert record.levelno == logging.WARNING
-    assert said in record.getMessage() and "trainer.amp=auto would pick" in record.getMessage()
+    assert record.getMessage() == f"trainer.amp={asked} {note}"
+    assert said in note and "trainer.amp=auto would pick" in note
 
 
 def test_updates_skipped_by_the_fp16_scaler_are_counted(tmp_path):
@@ -135,3 +141,17 @@ def test_the_evaluation_inside_training_feeds_the_models_memory_layout(tmp_path)
     )
     metrics = trainer.validate()
     assert metrics is not None and layouts and all(layouts)
+
+
+def test_the_start_up_block_says_what_auto_picked_and_why(tmp_path, monkeypatch):
+    monkeypatch.setattr(runtime, "cpu_has_bf16", lambda: False)
+    trainer = tiny_trainer(tmp_path, amp="auto")
+    assert trainer.runtime.amp == "none"
+    lines = run_summary(
+        config={}, settings=trainer.settings, runtime=trainer.runtime, sizes={"train": 8},
+        optimizer=trainer.optimizer, scheduler=trainer.scheduler, start=0, run_dir=tmp_path,
+    )  # fmt: skip
+    assert lines[3].startswith(
+        "runtime: cpu x 1 process(es), amp none (picked by trainer.amp=auto: this CPU has no "
+        "bf16 instructions (AVX512-BF16, AMX)), channels_last False"
+    )

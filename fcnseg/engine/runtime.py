@@ -33,15 +33,31 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def choose_precision(amp: str, device: torch.device) -> str:
-    """The autocast precision to run: ``amp`` itself, or for ``auto`` the hardware's best.
+def choose_precision(amp: str, device: torch.device) -> tuple[str, str]:
+    """The autocast precision to run, ``amp`` itself or for ``auto`` the hardware's best, and
+    what the start-up block says of it.
 
     ``auto`` picks bf16 where the device computes it natively (GPUs from Ampere on; CPUs with
     AVX512-BF16 or AMX), fp16 with its gradient scaler on other GPUs, and fp32 (``none``)
-    elsewhere; the choice and its reason are logged. An explicit choice that the hardware runs
-    badly (fp16 on a CPU, bf16 where it is emulated) runs as asked, with one warning that says
-    what ``auto`` would pick.
+    elsewhere; the choice and its reason are logged and returned (``picked by trainer.amp=auto:
+    why``). An
+    explicit choice that the hardware runs badly (fp16 on a CPU, bf16 where it is emulated) runs
+    as asked, with one warning that says what ``auto`` would pick, returned too. An explicit
+    choice the hardware runs well has nothing to say (``""``).
     """
+    best, why, slow = _precision(amp, device)
+    if amp == "auto":
+        get_logger().info("trainer.amp=auto picks %s: %s", best, why)
+        return best, f"picked by trainer.amp=auto: {why}"
+    if slow:
+        note = f"runs slowly here ({why}): trainer.amp=auto would pick {best}"
+        get_logger().warning("trainer.amp=%s %s", amp, note)
+        return amp, note
+    return amp, ""
+
+
+def _precision(amp: str, device: torch.device) -> tuple[str, str, bool]:
+    """What ``auto`` picks on ``device``, why, and whether ``amp`` runs slowly there."""
     if amp not in (*AMP_DTYPES, "auto"):
         raise UserError(f"trainer.amp={amp!r} is not one of auto, {', '.join(AMP_DTYPES)}")
     if device.type == "cuda":
@@ -61,16 +77,9 @@ def choose_precision(amp: str, device: torch.device) -> str:
             else ("none", "this CPU has no bf16 instructions (AVX512-BF16, AMX)")
         )
         slow = amp == "fp16" or (amp == "bf16" and not native)
-    if amp == "auto":
-        get_logger().info("trainer.amp=auto: %s (%s)", best, why)
-        return best
-    if slow:
-        if device.type == "cpu" and amp == "fp16":
-            why = "CPUs compute float16 many times slower than float32"
-        get_logger().warning(
-            "trainer.amp=%s runs slowly here (%s): trainer.amp=auto would pick %s", amp, why, best
-        )
-    return amp
+    if slow and device.type == "cpu" and amp == "fp16":
+        why = "CPUs compute float16 many times slower than float32"
+    return best, why, slow
 
 
 def match_grad_strides(model: nn.Module) -> None:
@@ -118,6 +127,8 @@ class Runtime:
         dist: this process's place in the process group.
         amp: ``none``, ``bf16`` or ``fp16`` autocast for the forward passes (``auto`` is
             resolved by ``setup``, ``choose_precision``).
+        amp_note: why ``amp`` was picked (``auto``) or that it runs slowly here, for the
+            start-up block; empty for an explicit choice the hardware runs well.
         channels_last: NHWC memory layout for the model and its inputs, which tensor-core
             convolutions (fp16/bf16 on recent GPUs) run without transposing.
         compile: ``torch.compile`` the training forward: false, true or a compile mode.
@@ -128,6 +139,7 @@ class Runtime:
     amp: str = "none"
     channels_last: bool = False
     compile: bool | str = False
+    amp_note: str = ""
 
     @classmethod
     def setup(
@@ -142,8 +154,8 @@ class Runtime:
         """Resolves ``device`` and joins the process group torchrun describes (if any).
 
         Args:
-            device: ``auto``, ``cpu`` or ``cuda``: process ``LOCAL_RANK`` of a machine takes
-                its GPU ``LOCAL_RANK``.
+            device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N`` (``resolve_device``): a process
+                that sees one GPU takes it, one that sees several takes GPU ``LOCAL_RANK``.
             amp, channels_last, compile: see the class.
             distributed: join torchrun's group; false for a tool that measures one process.
         """
@@ -152,9 +164,10 @@ class Runtime:
                 f"trainer.compile={compile!r} is not one of false, true, {', '.join(COMPILE_MODES)}"
             )
         dev = resolve_device(device, int(os.environ.get("LOCAL_RANK", "0")))
-        amp = choose_precision(amp, dev)
+        chosen, note = choose_precision(amp, dev)
         dist = init_distributed(dev) if distributed else DistInfo()
-        return cls(dev, dist, amp, channels_last, False if compile is None else compile)
+        compile = False if compile is None else compile
+        return cls(dev, dist, chosen, channels_last, compile, amp_note=note)
 
     @classmethod
     def from_settings(cls, settings) -> Runtime:

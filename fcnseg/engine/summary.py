@@ -52,7 +52,8 @@ def run_summary(
         f"{type(scheduler).__name__}, iterations {start + 1}-{s.max_iters}; {s.batch_size} "
         f"images per process x {dist.world_size} process(es) x {s.accumulate} accumulation "
         f"step(s) = {effective} per step",
-        f"runtime: {runtime.device} x {dist.world_size} process(es), amp {runtime.amp}, "
+        f"runtime: {runtime.device} x {dist.world_size} process(es), amp {runtime.amp}"
+        f"{f' ({runtime.amp_note})' if runtime.amp_note else ''}, "
         f"channels_last {runtime.channels_last}, compile {runtime.compile}",
         f"run directory: {run_dir}",
     ]
