@@ -118,16 +118,30 @@ def test_updates_skipped_by_the_fp16_scaler_are_counted(tmp_path):
     scaler.load_state_dict({**scaler.state_dict(), "scale": 2.0**100})
     weights = [p.detach().clone() for p in trainer.model.parameters()]
     images, targets = torch.randn(2, 3, 32, 32), torch.randint(0, NUM_CLASSES, (2, 32, 32))
-    losses = [trainer.run_step(images, targets) for _ in range(3)]
+    said: list[str] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: said.append(record.getMessage())
+    trainer.log.addHandler(handler)  # the trainer set the logger up anew
+    try:
+        losses = [trainer.run_step(images, targets) for _ in range(4)]
+    finally:
+        trainer.log.removeHandler(handler)
     assert all(torch.isfinite(torch.tensor(losses)))  # the loss itself was fine
-    assert scaler.get_scale() == 2.0**97  # halved once per skipped step
-    assert trainer.skipped_steps == 3
+    assert scaler.get_scale() == 2.0**96  # halved once per skipped step
+    assert trainer.skipped_steps == 4
+    # Rate-limited: the 1st, 2nd and 4th skip are said, and that most updates were skipped.
+    assert [m.split(":")[0] for m in said] == [
+        "iteration 1", "iteration 2", "4 of the last 4 updates were skipped", "iteration 4"
+    ]  # fmt: skip
+    assert f"lowered its scale to {2.0**96:g}; 4 update(s) skipped so far" in said[3]
+    assert said[2].startswith("4 of the last 4 updates were skipped: the model is barely training")
+    assert f"the fp16 gradient scale is down to {2.0**96:g}" in said[2]
     for before, after in zip(weights, trainer.model.parameters()):
         torch.testing.assert_close(after, before, rtol=0, atol=0)
     # A scale in range: the next step updates, and nothing more is counted.
     scaler.load_state_dict({**scaler.state_dict(), "scale": 1024.0})
     trainer.run_step(images, targets)
-    assert trainer.skipped_steps == 3
+    assert trainer.skipped_steps == 4
     assert any(not torch.equal(b, a) for b, a in zip(weights, trainer.model.parameters()))
 
 
