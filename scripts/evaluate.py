@@ -1,4 +1,5 @@
-"""Evaluate a checkpoint: ``python scripts/evaluate.py checkpoint=PATH [split=val] [out=FILE]``.
+"""Evaluate a checkpoint: ``python scripts/evaluate.py checkpoint=PATH [split=val] [out=FILE]``,
+or an exported model run by onnxruntime: ``runtime=onnx model=FILE.onnx``.
 
 Exact under ``torchrun --nproc_per_node=N`` (each process scores a disjoint shard).
 """
@@ -14,11 +15,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from fcnseg.data import build_transforms
 from fcnseg.data.predictions import PredictionWriter
+from fcnseg.deploy import load_for_inference
 from fcnseg.engine.evaluator import evaluation_dataset, run_evaluation
 from fcnseg.engine.inference import Inference
 from fcnseg.errors import UserError
 from fcnseg.metrics import format_table
-from fcnseg.models.builder import load_trained
 from fcnseg.utils.cli import user_errors
 from fcnseg.utils.distributed import cleanup, get_info
 from fcnseg.utils.export import check_evaluation_outputs
@@ -29,9 +30,12 @@ from fcnseg.utils.logging import setup_logging
 def main(cfg: DictConfig) -> None:
     with user_errors("evaluate.py", also=(InstantiationException,)):
         setup_logging()
-        if cfg.checkpoint is None:
+        if cfg.checkpoint is None and cfg.runtime != "onnx":
             raise UserError("checkpoint=PATH is required: the checkpoint file to evaluate")
-        model, ckpt = load_trained(cfg.checkpoint)
+        # An exported file carries the training config in its metadata, as a checkpoint does.
+        model, ckpt = load_for_inference(
+            runtime=cfg.runtime, checkpoint=cfg.checkpoint, model=cfg.model
+        )
         trained = ckpt["config"]["dataset"]
         chosen = HydraConfig.get().runtime.choices.get("dataset") not in (None, "null")
         ds = evaluation_dataset(
@@ -69,7 +73,8 @@ def main(cfg: DictConfig) -> None:
             colors=ds.get("palette"),
         )
         if get_info().is_main:
-            print(f"{cfg.checkpoint} on {ds['name']} {split}:\n{format_table(metrics)}")
+            source = cfg.model if cfg.runtime == "onnx" else cfg.checkpoint
+            print(f"{source} on {ds.get('name')} {split}:\n{format_table(metrics)}")
             if cfg.out:
                 Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
                 Path(cfg.out).write_text(json.dumps(metrics, indent=2))

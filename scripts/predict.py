@@ -1,4 +1,5 @@
-"""Predict image files: ``python scripts/predict.py checkpoint=PATH input=FILE_OR_DIR output=DIR``.
+"""Predict image files: ``python scripts/predict.py checkpoint=PATH input=FILE_OR_DIR output=DIR``
+(or ``runtime=onnx model=FILE.onnx`` for an exported model, run by onnxruntime).
 
 Writes ``NAME.png`` (palette label map, the input's width and height) and ``NAME_overlay.jpg``
 (the image blended with the class colours, with a legend) for every image.
@@ -7,34 +8,32 @@ Writes ``NAME.png`` (palette label map, the input's width and height) and ``NAME
 import hydra
 from omegaconf import DictConfig
 
+from fcnseg.deploy import load_for_inference
 from fcnseg.engine.inference import Inference
 from fcnseg.engine.predictor import check_prediction_paths, predict_images
 from fcnseg.errors import UserError
-from fcnseg.models.builder import load_trained
 from fcnseg.utils.cli import user_errors
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="predict")
 def main(cfg: DictConfig) -> None:
     with user_errors("predict.py"):
-        for key in ("checkpoint", "input", "output"):
+        for key in ("input", "output"):
             if cfg[key] is None:
                 raise UserError(
                     f"{key}=PATH is required (checkpoint=FILE input=FILE_OR_DIR output=DIR)"
                 )
-        # Before the checkpoint is read: a refused output folder costs the user nothing.
+        # Before the model is read: a refused output folder costs the user nothing.
         check_prediction_paths(cfg.input, cfg.output, overwrite=cfg.overwrite)
-        model, ckpt = load_trained(cfg.checkpoint)
-        ds = ckpt["config"]["dataset"]
+        model, _ = load_for_inference(
+            runtime=cfg.runtime, checkpoint=cfg.checkpoint, model=cfg.model
+        )  # its ``info`` gives the classes, colours and normalisation
         written = predict_images(
             model,
             cfg.input,
             cfg.output,
-            class_names=ds["class_names"],
-            normalize=ds["normalize"],
             inference=Inference.from_options(cfg.eval),
             device=cfg.trainer.device,
-            colors=ds.get("palette"),
             alpha=cfg.alpha,
             overwrite=cfg.overwrite,
         )

@@ -4,6 +4,7 @@ Floors, lowest first (a module may import its own floor and those below):
 
     0  fcnseg.errors, fcnseg.metrics, fcnseg.utils.*
     1  fcnseg.data.*, fcnseg.models.*    (data never imports models, models never imports data)
+       fcnseg.deploy.*                   (export and onnxruntime; imports models, not data)
     2  fcnseg.engine.*
     3  fcnseg.bench.*
        fcnseg (the package's __init__) re-exports and may import anything; nothing imports it.
@@ -33,11 +34,17 @@ FLOORS = {
     "fcnseg.utils": 0,
     "fcnseg.data": 1,
     "fcnseg.models": 1,
+    "fcnseg.deploy": 1,
     "fcnseg.engine": 2,
     "fcnseg.bench": 3,
 }
 #: parts of the same floor that must not import one another.
-APART = {("fcnseg.data", "fcnseg.models"), ("fcnseg.models", "fcnseg.data")}
+APART = {
+    ("fcnseg.data", "fcnseg.models"),
+    ("fcnseg.models", "fcnseg.data"),
+    ("fcnseg.deploy", "fcnseg.data"),
+    ("fcnseg.models", "fcnseg.deploy"),
+}
 #: configuration belongs to the scripts; the library takes plain arguments.
 FORBIDDEN = ("hydra", "omegaconf")
 

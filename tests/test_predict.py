@@ -1,4 +1,5 @@
-"""scripts/predict.py: a label PNG of the input's exact size and an overlay per image."""
+"""scripts/predict.py and fcnseg.Predictor: a label PNG of the input's exact size and an overlay
+per image; the same labels from Python, for arrays, PIL images and paths."""
 
 import numpy as np
 import pytest
@@ -7,11 +8,14 @@ from conftest import run_script
 from PIL import Image
 from test_evaluate import make_checkpoint
 
+import fcnseg
 from fcnseg.data import build_transforms
 from fcnseg.data.io import read_image
 from fcnseg.engine.inference import Inference
-from fcnseg.engine.predictor import predict_images
+from fcnseg.engine.predictor import Predictor, predict_images
 from fcnseg.errors import UserError
+from fcnseg.models.builder import ModelInfo
+from fcnseg.utils.visualize import palette
 
 # Odd sizes (width, height), an RGBA PNG, a JPEG and a grey BMP, one in a subfolder.
 INPUTS = {"a.png": ((47, 33), "RGBA"), "sub/b.jpg": ((29, 51), "RGB"), "c.bmp": ((40, 41), "L")}
@@ -42,15 +46,21 @@ def expected_labels(model, config, path):
         return model(x[None]).argmax(1)[0].numpy()
 
 
-def test_predict_script_writes_label_maps_and_overlays(setup):
-    root, model, config = setup
-    proc = run_script(
+@pytest.fixture(scope="module")
+def script_run(setup):
+    root = setup[0]
+    return run_script(
         "predict.py",
         f"checkpoint={root / 'model.pt'}",
         f"input={root / 'in'}",
         f"output={root / 'out'}",
         "trainer.device=cpu",
     )
+
+
+def test_predict_script_writes_label_maps_and_overlays(setup, script_run):
+    root, model, config = setup
+    proc = script_run
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "3 image(s)" in proc.stdout
     for name, ((w, h), _) in INPUTS.items():
@@ -118,3 +128,71 @@ def test_unreadable_checkpoint_is_one_sentence(tmp_path):
     assert len(lines) == 1 and lines[0].startswith(
         f"predict.py: error: checkpoint {tmp_path / 'bad.pt'}"
     )
+
+
+def test_predictor_gives_the_labels_predict_py_writes(setup, script_run):
+    root = setup[0]
+    assert script_run.returncode == 0, script_run.stderr[-3000:]
+    predictor = fcnseg.Predictor(root / "model.pt", device="cpu")
+    paths = [root / "in" / name for name in INPUTS]
+    written = []
+    for name in INPUTS:
+        stem = (root / "out" / name).with_suffix("")
+        with Image.open(stem.with_name(stem.name + ".png")) as labels:
+            written.append(np.asarray(labels))
+    for got, want in zip(predictor(paths), written):  # a list of paths
+        assert got.dtype == np.int64
+        np.testing.assert_array_equal(got, want)
+    # One image, as an array, a PIL image (RGBA, as stored) and the RGB array of the file.
+    rgba = root / "in" / "a.png"
+    with Image.open(rgba) as picture:
+        np.testing.assert_array_equal(predictor(picture), written[0])
+        np.testing.assert_array_equal(predictor(np.asarray(picture)), written[0])
+    np.testing.assert_array_equal(predictor(read_image(rgba)), written[0])
+
+
+def test_load_model_tells_what_the_model_expects(setup):
+    root, _, config = setup
+    ds = config["dataset"]
+    info = fcnseg.load_model(root / "model.pt").info
+    assert info == ModelInfo(
+        class_names=tuple(ds["class_names"]),
+        palette=tuple(tuple(int(c) for c in rgb) for rgb in palette(ds["num_classes"])),
+        ignore_index=ds["ignore_index"],
+        normalize=ds["normalize"],
+        iteration=7,
+        miou=None,  # the checkpoint never evaluated
+    )
+    assert info.num_classes == 5 and info.normalization.std == (0.229, 0.224, 0.225)
+
+
+def test_predictor_tta_and_probabilities(setup):
+    """Flip TTA averages the logits of the image and of its mirror image, mirrored back; the
+    probabilities are their softmax, the labels their argmax."""
+    root, model, config = setup
+    image = read_image(root / "in" / "sub" / "b.jpg")
+    x, _ = build_transforms(train=False, normalize=config["dataset"]["normalize"])(
+        image, np.zeros(image.shape[:2], np.uint8)
+    )
+    with torch.no_grad():
+        logits = (model(x[None]) + model(x[None].flip(-1)).flip(-1))[0] / 2
+    info = fcnseg.load_model(root / "model.pt").info
+    predictor = Predictor(model, info, inference=Inference(flip=True), device="cpu")
+    labels, probs = predictor(image, probabilities=True)
+    assert probs.shape == (5, *image.shape[:2]) and probs.dtype == np.float32
+    np.testing.assert_allclose(probs, logits.softmax(0).numpy(), rtol=1e-4, atol=1e-6)
+    np.testing.assert_array_equal(labels, logits.argmax(0).numpy())
+    # Sliding windows smaller than the image, as evaluate.py's eval.mode=slide.
+    slide = Predictor(model, info, inference=Inference(mode="slide", crop_size=32), device="cpu")
+    assert slide(image).shape == image.shape[:2]
+
+
+def test_predictor_refuses_what_it_cannot_read(setup):
+    model = setup[1]
+    with pytest.raises(UserError, match="has no ModelInfo"):
+        Predictor(torch.nn.Identity())
+    predictor = Predictor(model, ModelInfo.create(class_names="abcde"), device="cpu")
+    with pytest.raises(UserError, match="must be uint8 of shape"):
+        predictor(np.zeros((8, 8, 3), np.float32))
+    with pytest.raises(UserError, match="not an object of type int"):
+        predictor(3)

@@ -1,9 +1,11 @@
-"""Predicting image files: label maps and overlays, for images of any size and number."""
+"""Predictions: ``Predictor`` turns RGB images of any size into label maps (and class
+probabilities) exactly as evaluation does; ``predict_images`` writes them for image files."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -15,9 +17,134 @@ from fcnseg.data.transforms import build_transforms
 from fcnseg.engine.inference import Inference
 from fcnseg.engine.runtime import Runtime
 from fcnseg.errors import UserError
+from fcnseg.models.builder import ModelInfo, load_model
 from fcnseg.utils.export import check_output_dir, list_images, save_label_png
 from fcnseg.utils.logging import progress
 from fcnseg.utils.visualize import Palette, overlay
+
+#: What ``Predictor`` takes as an image: an (H, W, 3) uint8 RGB array (or (H, W) grey, or
+#: (H, W, 4) whose alpha is dropped), a PIL image, or the path of an image file.
+ImageInput = np.ndarray | Image.Image | str | Path
+
+
+class Predictor:
+    """Label maps for RGB images of any size, computed as ``scripts/evaluate.py`` computes them.
+
+    The image is normalised as the model was trained (``ModelInfo.normalize``, with the data
+    pipeline's own transform), run whole or in sliding windows, at the scales and mirrorings
+    of ``inference`` (``evaluate.py``'s ``eval.*`` options), and the label map is the argmax of
+    the logits averaged at the image's full resolution.
+
+    >>> predictor = fcnseg.Predictor("RUN/checkpoints/best.pt")  # or "model.onnx"
+    >>> labels = predictor("photo.jpg")                 # (H, W) int64, the photo's size
+    >>> labels, probs = predictor(image, probabilities=True)  # probs: (C, H, W) float32
+    >>> predictor.info.class_names
+
+    Args:
+        model: a network with an ``info`` attribute (``fcnseg.load_model``'s, or an
+            ``fcnseg.deploy.OnnxModel``), any network with ``info`` given, or the path of a
+            checkpoint or of an exported ``.onnx`` file (run by onnxruntime).
+        info: what the model expects and produces (default: ``model.info``).
+        inference: whole image, sliding windows, scales and flip (default: one whole pass).
+        device: ``auto``, ``cpu`` or ``cuda``.
+        amp: ``none``, ``bf16`` or ``fp16`` autocast for the forward passes.
+
+    Raises:
+        UserError: no ``info`` for the model, or an unreadable model file.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module | str | Path,
+        info: ModelInfo | None = None,
+        *,
+        inference: Inference | None = None,
+        device: str = "auto",
+        amp: str = "none",
+    ) -> None:
+        if isinstance(model, str | Path):
+            model = load_model_file(model)
+        info = info or getattr(model, "info", None)
+        if not isinstance(info, ModelInfo):
+            raise UserError(
+                f"the {type(model).__name__} has no ModelInfo: load it with fcnseg.load_model, "
+                "or pass info=fcnseg.ModelInfo.create(class_names=..., normalize=...)"
+            )
+        self.info = info
+        self.inference = inference or Inference()
+        self.runtime = Runtime.setup(device, amp=amp, distributed=False)
+        self.model = model.to(self.runtime.device).eval()
+        self.transform = build_transforms(train=False, normalize=info.normalize)
+
+    @property
+    def device(self) -> torch.device:
+        return self.runtime.device
+
+    def __call__(self, images: ImageInput | Sequence[ImageInput], *, probabilities: bool = False):
+        """Predicts one image or a list of them.
+
+        Args:
+            images: one ``ImageInput`` or a list (or tuple) of them, of any sizes.
+            probabilities: also return the softmax of the averaged logits, (C, H, W) float32.
+
+        Returns:
+            For one image its label map, (H, W) int64 at the image's size, or with
+            ``probabilities`` the pair (labels, probabilities); for a list, a list of those.
+        """
+        if isinstance(images, list | tuple):
+            return [self._one(image, probabilities) for image in images]
+        return self._one(images, probabilities)
+
+    predict = __call__
+
+    def _one(self, image: ImageInput, probabilities: bool):
+        rgb = as_rgb(image)
+        x, _ = self.transform(rgb, np.zeros(rgb.shape[:2], np.uint8))
+        x = x[None].to(self.device)
+        autocast = self.runtime.autocast()
+        with torch.no_grad():
+            if not probabilities:
+                return self.inference.predict(self.model, x, autocast=autocast)[0].cpu().numpy()
+            logits = self.inference.logits(self.model, x, autocast=autocast)[0].float()
+            # The labels are the logits' argmax, as evaluation's: the softmax could round two
+            # close scores to one probability.
+            labels = logits.argmax(0).cpu().numpy()
+            return labels, logits.softmax(0).cpu().numpy()
+
+
+def as_rgb(image: ImageInput) -> np.ndarray:
+    """``image`` as an (H, W, 3) uint8 RGB array, read the way the datasets read files.
+
+    Raises:
+        UserError: an array that is not uint8 (H, W), (H, W, 3) or (H, W, 4), or another type.
+    """
+    if isinstance(image, str | Path):
+        return read_image(image)
+    if isinstance(image, Image.Image):
+        return np.asarray(image.convert("RGB"))
+    if isinstance(image, np.ndarray):
+        if image.dtype == np.uint8 and image.ndim == 2:
+            return np.repeat(image[..., None], 3, axis=2)
+        if image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] in (3, 4):
+            return np.ascontiguousarray(image[..., :3])
+        raise UserError(
+            f"an image array must be uint8 of shape (H, W, 3) RGB, (H, W, 4) or (H, W), not "
+            f"{image.dtype} of shape {image.shape}"
+        )
+    raise UserError(
+        "an image is an RGB uint8 array, a PIL image or a file path, not an object of type "
+        f"{type(image).__name__}"
+    )
+
+
+def load_model_file(path: str | Path) -> nn.Module:
+    """The network of a checkpoint (PyTorch) or of an exported ``.onnx`` file (onnxruntime),
+    with its ``info``."""
+    if Path(path).suffix.lower() == ".onnx":
+        from fcnseg.deploy.onnx import load_onnx
+
+        return load_onnx(path)[0]
+    return load_model(path)
 
 
 def check_prediction_paths(
@@ -43,8 +170,8 @@ def predict_images(
     source: str | Path,
     output_dir: str | Path,
     *,
-    class_names: Sequence[str],
-    normalize: str = "imagenet",
+    class_names: Sequence[str] | None = None,
+    normalize: str | None = None,
     inference: Inference | None = None,
     device: str = "auto",
     colors: Palette | None = None,
@@ -55,14 +182,16 @@ def predict_images(
 
     For ``a/b.jpg`` below ``source`` it writes ``output_dir/a/b.png``, a palette PNG of class
     indices of the image's exact width and height, and ``output_dir/a/b_overlay.jpg``, the
-    image blended with the class colours plus a legend of the classes present.
+    image blended with the class colours plus a legend of the classes present. The labels are
+    ``Predictor``'s.
 
     Args:
-        model: the network, in any mode (it is put in eval mode).
+        model: the network (put in eval mode); a checkpoint's or an exported file's carries
+            its ``info``, which gives the defaults below.
         source: an image file or a folder of images.
         output_dir: where the outputs go (created).
         class_names: names for the legend; their number is the number of classes.
-        normalize: the normalisation the model was trained with.
+        normalize: the normalisation the model was trained with (default: ``imagenet``).
         inference: whole image, sliding windows, TTA.
         device: ``auto``, ``cpu`` or ``cuda``.
         colors: class colours (the VOC map by default).
@@ -73,13 +202,20 @@ def predict_images(
     Returns:
         The label maps written, in input order.
     """
-    inference = inference or Inference()
     files = check_prediction_paths(source, output_dir, overwrite=overwrite)
+    info: Any = getattr(model, "info", None)
+    if class_names is None and info is None:
+        raise UserError("predict_images needs class_names for a model without info")
+    if colors is None and info is not None:
+        colors = [list(c) for c in info.palette]
+    info = ModelInfo.create(
+        class_names=class_names if class_names is not None else info.class_names,
+        palette=colors,
+        normalize=normalize or (info.normalize if info is not None else "imagenet"),
+    )
+    predictor = Predictor(model, info, inference=inference, device=device)
     root = Path(source) if Path(source).is_dir() else Path(source).parent
     out = Path(output_dir)
-    dev = Runtime.setup(device, distributed=False).device
-    model.to(dev).eval()
-    transform = build_transforms(train=False, normalize=normalize)
     # Check every output name before predicting anything: a.png and a.jpg would collide.
     targets: dict[Path, Path] = {}
     for path in files:
@@ -92,11 +228,9 @@ def predict_images(
         targets[label_path] = path
     for label_path, path in progress(list(targets.items()), desc="predict", unit="image"):
         image = read_image(path)
-        x, _ = transform(image, np.zeros(image.shape[:2], np.uint8))
-        with torch.no_grad():
-            labels = inference.predict(model, x[None].to(dev))[0].cpu().numpy()
+        labels = predictor(image)
         save_label_png(labels, label_path, colors=colors)
-        picture = overlay(image, labels, class_names=class_names, colors=colors, alpha=alpha)
+        picture = overlay(image, labels, class_names=info.class_names, colors=colors, alpha=alpha)
         Image.fromarray(picture).save(
             label_path.with_name(label_path.stem + "_overlay.jpg"), quality=90
         )

@@ -1,11 +1,14 @@
-"""``build_model`` and ``load_model``: the public ways to get a model."""
+"""``build_model`` and ``load_model``: the public ways to get a model, and ``ModelInfo``: what a
+trained model expects and produces."""
 
 from __future__ import annotations
 
 import functools
 import inspect
+import math
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +18,8 @@ from fcnseg.errors import UserError
 from fcnseg.models import backbones, heads
 from fcnseg.models.segmentation import SegmentationModel
 from fcnseg.utils.checkpoint import error_summary, load_checkpoint
+from fcnseg.utils.normalization import Normalization, get_normalization
+from fcnseg.utils.visualize import full_palette
 
 
 def build_model(
@@ -126,16 +131,96 @@ def build_model_from_config(config: Mapping[str, Any]) -> SegmentationModel:
     )
 
 
+@dataclass(frozen=True)
+class ModelInfo:
+    """What a trained model expects and produces: everything a caller needs besides weights.
+
+    The model maps images normalised with ``normalization`` (N, 3, H, W) to logits
+    (N, ``num_classes``, H, W) of the classes ``class_names``, drawn in ``palette``.
+
+    Attributes:
+        class_names: one name per output channel.
+        palette: one RGB colour per class (the dataset's own, else the VOC map's).
+        ignore_index: the label value that marked unlabelled pixels in training.
+        normalize: the name of the input normalisation (``imagenet``, ``caffe``, ``none``).
+        iteration: the training step of the weights.
+        miou: the best validation mIoU recorded in training (a fraction), if it evaluated.
+    """
+
+    class_names: tuple[str, ...]
+    palette: tuple[tuple[int, int, int], ...]
+    ignore_index: int = 255
+    normalize: str = "imagenet"
+    iteration: int = 0
+    miou: float | None = None
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def normalization(self) -> Normalization:
+        """Per channel ``(pixel / max_pixel_value - mean) / std``, then BGR if ``bgr``."""
+        return get_normalization(self.normalize)
+
+    @classmethod
+    def create(
+        cls,
+        *,
+        class_names: Sequence[str],
+        palette: Any = None,
+        ignore_index: int = 255,
+        normalize: str = "imagenet",
+        iteration: int = 0,
+        miou: float | None = None,
+    ) -> ModelInfo:
+        """A ``ModelInfo`` with its fields checked; ``palette=None`` gives the VOC map's colours.
+
+        Raises:
+            UserError: an unknown normalisation.
+        """
+        get_normalization(normalize)
+        names = tuple(str(n) for n in class_names)
+        colors = full_palette(palette)[: len(names)]
+        valid = miou is not None and math.isfinite(miou) and miou >= 0  # training's -1: none
+        return cls(
+            class_names=names,
+            palette=tuple(tuple(int(c) for c in rgb) for rgb in colors),
+            ignore_index=int(ignore_index),
+            normalize=str(normalize),
+            iteration=int(iteration),
+            miou=float(miou) if valid else None,
+        )
+
+    @classmethod
+    def from_checkpoint(cls, ckpt: Mapping[str, Any]) -> ModelInfo:
+        """The info of a training checkpoint (its ``config["dataset"]``, iteration, best mIoU)."""
+        ds = ckpt["config"]["dataset"]
+        return cls.create(
+            class_names=ds["class_names"],
+            palette=ds.get("palette"),
+            ignore_index=ds.get("ignore_index", 255),
+            normalize=ds.get("normalize", "imagenet"),
+            iteration=ckpt.get("iteration", 0),
+            miou=ckpt.get("best_miou"),
+        )
+
+
 def load_model(checkpoint_path: str | Path, map_location: str = "cpu") -> SegmentationModel:
-    """Rebuilds a trained model from a checkpoint file alone, in eval mode."""
+    """Rebuilds a trained model from a checkpoint file alone, in eval mode.
+
+    The model's ``info`` attribute is its ``ModelInfo``: class names, palette, ignore index,
+    normalisation, iteration and mIoU.
+    """
     return load_trained(checkpoint_path, map_location)[0]
 
 
 def load_trained(
     checkpoint_path: str | Path, map_location: str = "cpu"
 ) -> tuple[SegmentationModel, dict[str, Any]]:
-    """The trained model (in eval mode) and its checkpoint: the training ``config`` (dataset,
-    classes, normalisation), ``iteration``, ``best_miou``.
+    """The trained model (in eval mode, its ``ModelInfo`` as ``model.info``) and its
+    checkpoint: the training ``config`` (dataset, classes, normalisation), ``iteration``,
+    ``best_miou``.
 
     Raises:
         UserError: the file is not a readable checkpoint, or not one that training wrote.
@@ -154,6 +239,13 @@ def load_trained(
         raise UserError(
             f"checkpoint {checkpoint_path}'s weights do not fit the model its config describes "
             f"({error_summary(err)})"
+        ) from err
+    try:
+        model.info = ModelInfo.from_checkpoint(ckpt)
+    except (KeyError, TypeError) as err:
+        raise UserError(
+            f"checkpoint {checkpoint_path}'s dataset config lacks {err} (class names, "
+            "normalisation)"
         ) from err
     return model.eval(), ckpt
 

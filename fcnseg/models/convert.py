@@ -12,6 +12,11 @@ whose ``classifier`` follows an adaptive average pooling that is dropped (on a l
 would squash the map to the native size), and torchvision's ResNets, whose global average
 pooling and ``fc`` become a 1x1 convolution: its score map averages to the classifier's output.
 The backbones use ``linear_weight_as_conv`` to load torchvision's fully connected weights.
+
+``DenseClassifier`` (and ``classify``) make the converted net classify images of any size, as
+VGG's dense evaluation does (Simonyan & Zisserman, 2015, section 3.2): the score map is pooled
+(averaged, or its maximum taken) to one score vector per image, optionally averaged over
+several scales and the mirrored image.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from fcnseg.errors import UserError
@@ -139,6 +145,82 @@ def fully_convolutional(model: nn.Module) -> FullyConvolutionalNet:
             f"VGG (vgg11 ... vgg19_bn), AlexNet or ResNet classifiers"
         )
     return net.train(model.training)
+
+
+POOLS = ("mean", "max")
+
+
+class DenseClassifier(nn.Module):
+    """Class scores (N, K) for images (N, 3, H, W) of any size at least the native one.
+
+    The converted net's score map (one cell per native-size window, at the net's stride) is
+    pooled over its cells: ``mean`` is VGG's dense evaluation (its "sum-pooling", up to the
+    number of cells), ``max`` takes each class's best window. Each scale (the image resized
+    by the factor, bilinear) and, with ``flip``, its mirror image is one view; the pooled scores
+    of the views are averaged. At the native size, one view, the scores are the classifier's
+    own output. (VGG averaged softmax posteriors over its views; apply a softmax per view for
+    that, here the scores stay the classifier's logits.)
+
+    Args:
+        net: ``fully_convolutional(classifier)``, or a classifier to convert.
+        pool: ``mean`` or ``max``.
+        scales: resize factors of the views (VGG: the image's smallest side at 256, 384, 512).
+        flip: also the horizontally mirrored image of every scale.
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        *,
+        pool: str = "mean",
+        scales: Sequence[float] = (1.0,),
+        flip: bool = False,
+    ) -> None:
+        super().__init__()
+        if pool not in POOLS:
+            raise UserError(f"pool={pool!r} is not one of {', '.join(POOLS)}")
+        if not scales or min(scales) <= 0:
+            raise UserError(f"scales={list(scales)!r} must be a non-empty list of positive factors")
+        self.net = net if isinstance(net, FullyConvolutionalNet) else fully_convolutional(net)
+        self.pool = pool
+        self.scales = tuple(float(s) for s in scales)
+        self.flip = bool(flip)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        total = None
+        views = 0
+        for scale in self.scales:
+            x = images
+            if scale != 1.0:
+                # A factor, not a size: the size follows the input's, also in an exported graph.
+                x = F.interpolate(x, scale_factor=scale, mode="bilinear", align_corners=False)
+            for mirrored in (False, True) if self.flip else (False,):
+                scores = self.net(x.flip(-1) if mirrored else x)
+                pooled = scores.mean((-2, -1)) if self.pool == "mean" else scores.amax((-2, -1))
+                total = pooled if total is None else total + pooled
+                views += 1
+        return total if views == 1 else total / views
+
+
+def classify(
+    net: nn.Module,
+    images: torch.Tensor,
+    *,
+    pool: str = "mean",
+    scales: Sequence[float] = (1.0,),
+    flip: bool = False,
+) -> torch.Tensor:
+    """Class scores (N, K) of ``images`` of any size: ``DenseClassifier(net, ...)(images)``
+    without gradients.
+
+    Args:
+        net: ``fully_convolutional(classifier)``, or a torchvision classifier to convert.
+        images: (N, 3, H, W), normalised as the classifier was trained, each side at least the
+            native size (224 for VGG) times the smallest scale.
+        pool, scales, flip: see ``DenseClassifier``.
+    """
+    with torch.no_grad():
+        return DenseClassifier(net, pool=pool, scales=scales, flip=flip)(images)
 
 
 def _convert_features_classifier(model: nn.Module) -> FullyConvolutionalNet:
