@@ -9,6 +9,7 @@ import inspect
 import json
 import mmap
 from functools import partial
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -316,6 +317,48 @@ def test_peak_memory_sees_an_allocation():
         assert memory.peak_bytes() - before >= 60 * 2**20
 
 
+def _cpuinfo(key: str) -> str:
+    for entry in Path("/proc/cpuinfo").read_text().splitlines():
+        if entry.split(":")[0].strip() == key:
+            return entry.partition(":")[2].strip()
+    raise AssertionError(f"/proc/cpuinfo has no {key}")
+
+
+@pytest.mark.parametrize(
+    ("name", "capability", "native_bf16", "said"),
+    [
+        ("Tesla V100-SXM2-16GB", (7, 0), False, "bf16 not native, fp16 on tensor cores"),
+        ("Tesla T4", (7, 5), False, "bf16 not native, fp16 on tensor cores"),
+        ("NVIDIA A100-SXM4-80GB", (8, 0), True, "bf16 native, fp16 on tensor cores"),
+        ("Tesla P100-PCIE-16GB", (6, 0), False, "bf16 not native, fp16 without tensor cores"),
+    ],
+)
+def test_a_gpu_table_names_the_gpu_and_its_half_precision(
+    monkeypatch, name, capability, native_bf16, said
+):
+    props = type("Props", (), {"name": name, "total_memory": 16 * 2**30})()
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: props)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(
+        torch.cuda,
+        "is_bf16_supported",
+        lambda including_emulation=True: native_bf16 or including_emulation,
+    )
+    monkeypatch.setattr(torch.backends.cudnn, "version", lambda: 90100)
+    env = common.environment("cuda:0")
+    assert env["bf16_native"] is native_bf16
+    report = {"mode": "train", "settings": {}, "environment": env, "results": [], "summary": {}}
+    table = common.format_table(report)
+    auto = "bf16" if native_bf16 else "fp16"
+    assert table.splitlines()[0] == (
+        f"measured on {name} (compute capability {capability[0]}.{capability[1]}); {said}; "
+        f"trainer.amp=auto: {auto}"
+    )
+    assert table.splitlines()[1:3] == ["", "| variant | images/s | ms/iter median (p10-p90) "
+                                       "| peak memory (MB) | TFLOP/s |"]  # fmt: skip
+
+
 def test_cli_writes_json_and_only_json(tmp_path):
     out = tmp_path / "metrics.json"
     args = [
@@ -330,6 +373,16 @@ def test_cli_writes_json_and_only_json(tmp_path):
     )
     assert done.returncode == 0, done.stderr
     assert "| SegMetrics.update" in done.stdout
+    # The table says what it was measured on: this CPU and its half-precision instructions.
+    flags = _cpuinfo("flags").split()
+    half = [f for f in ("avx512_bf16", "amx_bf16", "avx512_fp16", "amx_fp16") if f in flags]
+    line = next(x for x in done.stdout.splitlines() if x.startswith("measured on "))
+    assert line.startswith(f"measured on {_cpuinfo('model name')} (")
+    assert f"half-precision flags: {', '.join(half) or 'none'};" in line
+    bf16 = "yes" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "no"
+    assert f"oneDNN native bf16 {bf16}," in line
+    auto = "bf16" if {"avx512_bf16", "amx_bf16"} & set(flags) else "none"
+    assert line.endswith(f"; trainer.amp=auto: {auto}")
     report = json.loads(out.read_text())
     assert report["command"].startswith("python scripts/benchmark.py bench=metrics")
     assert {"mode", "settings", "environment", "results", "summary"} <= set(report)

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from fcnseg.engine.runtime import Runtime
+from fcnseg.engine.runtime import CPU_BF16_FLAGS, Runtime, cpu_flags, hardware_precision
 from fcnseg.errors import UserError
 
 
@@ -63,7 +63,69 @@ def environment(device: torch.device | str = "cpu") -> dict[str, Any]:
             cuda=torch.version.cuda,
             cudnn=torch.backends.cudnn.version(),
         )
+    env.update(precision_support(device))
     return env
+
+
+# Half-precision instructions of x86 CPUs, as /proc/cpuinfo names them.
+CPU_FP16_FLAGS = ("avx512_fp16", "amx_fp16")
+
+
+def precision_support(device: torch.device) -> dict[str, Any]:
+    """What the device computes natively in bf16 and fp16, and what ``trainer.amp=auto`` picks.
+
+    GPU: its compute capability and ``torch.cuda.is_bf16_supported(including_emulation=False)``
+    (Ampere, 8.0, and later); fp16 runs on tensor cores from Volta (7.0) on. CPU: its bf16/fp16
+    instruction flags and whether PyTorch's oneDNN reports native bf16/fp16 kernels.
+    """
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        support = {
+            "compute_capability": f"{major}.{minor}",
+            "bf16_native": torch.cuda.is_bf16_supported(including_emulation=False),
+            "fp16_tensor_cores": major >= 7,
+        }
+    else:
+        flags = cpu_flags()
+        support = {
+            "cpu_half_flags": None
+            if flags is None
+            else [f for f in (*CPU_BF16_FLAGS, *CPU_FP16_FLAGS) if f in flags],
+            "torch_cpu_bf16": _onednn("bf16"),
+            "torch_cpu_fp16": _onednn("fp16"),
+        }
+    return {**support, "amp_auto": hardware_precision("auto", device)[0]}
+
+
+def _onednn(dtype: str) -> bool | None:
+    """Whether PyTorch's oneDNN has native ``dtype`` kernels on this CPU (None: cannot tell)."""
+    with contextlib.suppress(AttributeError, RuntimeError):
+        return bool(getattr(torch.ops.mkldnn, f"_is_mkldnn_{dtype}_supported")())
+    return None
+
+
+def hardware_line(env: Mapping[str, Any]) -> str:
+    """One line naming the device a report was measured on and its half-precision support."""
+    if env.get("gpu"):
+        half = (
+            f"bf16 {'native' if env.get('bf16_native') else 'not native'}, fp16 "
+            f"{'on tensor cores' if env.get('fp16_tensor_cores') else 'without tensor cores'}"
+        )
+        where = f"{env['gpu']} (compute capability {env.get('compute_capability', '?')})"
+    else:
+        flags = env.get("cpu_half_flags")
+        listed = "unknown" if flags is None else ", ".join(flags) or "none"
+        half = (
+            f"half-precision flags: {listed}; oneDNN native bf16 {_yes(env.get('torch_cpu_bf16'))}"
+            f", fp16 {_yes(env.get('torch_cpu_fp16'))}"
+        )
+        where = f"{env.get('cpu', '?')} ({env.get('cpu_cores', '?')} cores)"
+    auto = f"; trainer.amp=auto: {env['amp_auto']}" if env.get("amp_auto") else ""
+    return f"measured on {where}; {half}{auto}"
+
+
+def _yes(value: bool | None) -> str:
+    return "unknown" if value is None else ("yes" if value else "no")
 
 
 def use_threads(threads: int | None) -> None:
@@ -247,8 +309,9 @@ def make_report(
 
 
 def format_table(report: Mapping[str, Any]) -> str:
-    """The report's result rows as a Markdown table."""
+    """The report's result rows as a Markdown table, under the line naming its hardware."""
     lines = [
+        *([hardware_line(report["environment"]), ""] if "environment" in report else []),
         "| variant | images/s | ms/iter median (p10-p90) | peak memory (MB) | TFLOP/s |",
         "|---|---:|---:|---:|---:|",
     ]

@@ -45,7 +45,7 @@ def choose_precision(amp: str, device: torch.device) -> tuple[str, str]:
     as asked, with one warning that says what ``auto`` would pick, returned too. An explicit
     choice the hardware runs well has nothing to say (``""``).
     """
-    best, why, slow = _precision(amp, device)
+    best, why, slow = hardware_precision(amp, device)
     if amp == "auto":
         get_logger().info("trainer.amp=auto picks %s: %s", best, why)
         return best, f"picked by trainer.amp=auto: {why}"
@@ -56,7 +56,7 @@ def choose_precision(amp: str, device: torch.device) -> tuple[str, str]:
     return amp, ""
 
 
-def _precision(amp: str, device: torch.device) -> tuple[str, str, bool]:
+def hardware_precision(amp: str, device: torch.device) -> tuple[str, str, bool]:
     """What ``auto`` picks on ``device``, why, and whether ``amp`` runs slowly there."""
     if amp not in (*AMP_DTYPES, "auto"):
         raise UserError(f"trainer.amp={amp!r} is not one of auto, {', '.join(AMP_DTYPES)}")
@@ -108,14 +108,24 @@ def _restride_grad(param: torch.Tensor) -> None:
         param.grad = grad.as_strided(sizes, wanted, grad.storage_offset())
 
 
-def cpu_has_bf16() -> bool:
-    """Whether this CPU has bfloat16 instructions (Linux's /proc/cpuinfo; else assumed)."""
+# The x86 instructions that compute bfloat16 natively (Linux's /proc/cpuinfo names).
+CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+def cpu_flags() -> set[str] | None:
+    """This CPU's feature flags from Linux's /proc/cpuinfo (``None`` where it cannot be read)."""
     try:
         with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith("flags")), "")
+            line = next((line for line in f if line.startswith("flags")), "")
     except OSError:
-        return True
-    return any(flag in flags.split() for flag in ("avx512_bf16", "amx_bf16"))
+        return None
+    return set(line.partition(":")[2].split())
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU has bfloat16 instructions (/proc/cpuinfo; assumed where unreadable)."""
+    flags = cpu_flags()
+    return flags is None or any(flag in flags for flag in CPU_BF16_FLAGS)
 
 
 @dataclass
