@@ -5,9 +5,11 @@
 # them of the host:
 #   ENGINE         docker where a Docker engine answers, else podman (installed with apt-get
 #                  when missing and we are root); FCNSEG_ENGINE=docker|podman decides instead.
-#   ENGINE_FLAGS   podman's global flags: the OCI runtime (runc where installed; crun fails on
-#                  some kernels and sandboxes; FCNSEG_OCI_RUNTIME=crun|runc decides instead).
-#   NOFILE, NPROC  the open-file and process limits containers get: the caller's own, and no
+#   ENGINE_FLAGS   podman's global flags: the OCI runtime, runc where installed (Debian 12's
+#                  crun refuses a host with both cgroup versions mounted: "cgroups in hybrid mode
+#                  not supported"); FCNSEG_OCI_RUNTIME=crun|runc decides instead.
+#   LIMIT_NOFILE, LIMIT_NPROC
+#                  the open-file and process limits containers get: the caller's own, and no
 #                  more than 32768 processes. Rootful podman otherwise asks for 1048576 of each,
 #                  and its container monitor (conmon) keeps at most 32768 processes, which a host
 #                  without CAP_SYS_RESOURCE cannot raise: runc then fails with "error setting
@@ -57,10 +59,10 @@ pick_engine() {
     ENGINE_FLAGS=()
     BUILD_FLAGS=()
     RUN_FLAGS=()
-    NOFILE=$(ulimit -Hn)
-    NPROC=$(ulimit -Hu)
-    [[ ${NOFILE} == unlimited ]] && NOFILE=1048576
-    [[ ${NPROC} == unlimited || ${NPROC} -gt 32768 ]] && NPROC=32768
+    LIMIT_NOFILE=$(ulimit -Hn)
+    LIMIT_NPROC=$(ulimit -Hu)
+    [[ ${LIMIT_NOFILE} == unlimited ]] && LIMIT_NOFILE=1048576
+    [[ ${LIMIT_NPROC} == unlimited || ${LIMIT_NPROC} -gt 32768 ]] && LIMIT_NPROC=32768
     case ${ENGINE} in
     docker)
         command -v docker >/dev/null 2>&1 || die "FCNSEG_ENGINE=docker but docker is not installed"
@@ -73,7 +75,8 @@ pick_engine() {
             runtime=runc
         fi
         [[ -n ${runtime} ]] && ENGINE_FLAGS=(--runtime "${runtime}")
-        RUN_FLAGS=(--ulimit "nofile=${NOFILE}:${NOFILE}" --ulimit "nproc=${NPROC}:${NPROC}")
+        RUN_FLAGS=(--ulimit "nofile=${LIMIT_NOFILE}:${LIMIT_NOFILE}"
+                   --ulimit "nproc=${LIMIT_NPROC}:${LIMIT_NPROC}")
         BUILD_FLAGS=(--format docker "${RUN_FLAGS[@]}")
         PIP_DIR=$(mktemp -d)
         on_exit 'rm -rf "${PIP_DIR}"'

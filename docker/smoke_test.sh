@@ -191,7 +191,7 @@ fi
 mkdir compose-outputs
 export COMPOSE_PROJECT_NAME=${TAG} FCNSEG_IMAGE=fcnseg:latest \
     FCNSEG_DATA=${WORK}/data FCNSEG_OUTPUTS=${WORK}/compose-outputs \
-    FCNSEG_UID=$(id -u) FCNSEG_GID=$(id -g) FCNSEG_NOFILE=${NOFILE} FCNSEG_NPROC=${NPROC} \
+    FCNSEG_UID=$(id -u) FCNSEG_GID=$(id -g) FCNSEG_NOFILE=${LIMIT_NOFILE} FCNSEG_NPROC=${LIMIT_NPROC} \
     TENSORBOARD_PORT=$(free_port)
 on_exit 'compose -f "${REPO_DIR}/docker/compose.yaml" -f "${REPO_DIR}/docker/compose.cpu.yaml" down --volumes >/dev/null 2>&1'
 cd "${REPO_DIR}"
