@@ -116,9 +116,9 @@ class TrainStep:
                 "gradients that can exceed fp16's range (65504); the paper's summed-loss recipe "
                 "trains in fp32"
             )
+        # Switched on for the step's forward and backward only: the caller's setting holds
+        # everywhere else (evaluation, other code in the same process).
         self.benchmark = cudnn_benchmark and runtime.device.type == "cuda"
-        if self.benchmark:
-            torch.backends.cudnn.benchmark = True
         self._shapes: set[tuple[int, ...]] = set()
         self._skipped: collections.deque[bool] = collections.deque(maxlen=SKIPPED_WINDOW)
 
@@ -138,7 +138,10 @@ class TrainStep:
         )
         total = torch.zeros((), device=self.runtime.device)
         for i, (x, y) in enumerate(chunks):
-            with self._grad_sync(last=i == len(chunks) - 1):
+            with (
+                self._grad_sync(last=i == len(chunks) - 1),
+                self.runtime.cudnn_benchmark(self.benchmark),
+            ):
                 with self.runtime.autocast():
                     logits = self.forward(self.runtime.inputs(x))
                 loss = self.loss(logits, y.to(self.runtime.device, non_blocking=True))
@@ -199,7 +202,7 @@ class TrainStep:
             return
         self._shapes.add(tuple(images.shape))
         if len(self._shapes) > BENCHMARK_MAX_SHAPES:
-            self.benchmark = torch.backends.cudnn.benchmark = False
+            self.benchmark = False
             get_logger().info(
                 "training inputs have more than %d shapes: cuDNN autotuning turned off",
                 BENCHMARK_MAX_SHAPES,
