@@ -38,18 +38,15 @@ def test_the_step_keeps_what_a_training_forward_changes(batch_norm):
     assert running_statistics(model) == []
 
 
-@pytest.mark.parametrize(("batch_norm", "amp"), [(False, "none"), (True, "none"), (True, "fp16")])
-def test_a_nan_step_leaves_model_and_optimizer_bit_identical(tmp_path, batch_norm, amp):
-    trainer = tiny_trainer(
-        tmp_path, nan_policy="skip", amp=amp, backbone_options={"batch_norm": batch_norm}
-    )
+@pytest.mark.parametrize("batch_norm", [False, True])
+def test_a_nan_step_leaves_model_and_optimizer_bit_identical(tmp_path, batch_norm):
+    trainer = tiny_trainer(tmp_path, nan_policy="skip", backbone_options={"batch_norm": batch_norm})
     g = torch.Generator().manual_seed(0)
     images = torch.randn(2, 3, 32, 32, generator=g)
     targets = torch.randint(0, NUM_CLASSES, (2, 32, 32), generator=g)
     trainer.run_step(images, targets)  # AdamW now has moments, BatchNorm statistics moved
     model = copy.deepcopy(trainer.model.state_dict())
     optimizer = copy.deepcopy(trainer.optimizer.state_dict())
-    scaler = copy.deepcopy(trainer.step.scaler.state_dict())
 
     bad = images.clone()
     bad[0, :, :4, :4] = float("nan")
@@ -70,7 +67,6 @@ def test_a_nan_step_leaves_model_and_optimizer_bit_identical(tmp_path, batch_nor
         assert {k: v for k, v in group.items() if k != "lr"} == {
             k: v for k, v in saved.items() if k != "lr"
         }
-    assert trainer.step.scaler.state_dict() == scaler
     assert all(p.grad is None for p in trainer.model.parameters())
     # Not vacuous: the same NaN batch through the model in training mode spoils its statistics.
     if batch_norm:
