@@ -11,7 +11,7 @@ from torch import nn
 from fcnseg.engine.step import NonFiniteLossError
 from fcnseg.errors import UserError
 from fcnseg.utils.checkpoint import error_summary, load_checkpoint, rng_state, save_checkpoint
-from fcnseg.utils.distributed import all_gather_object, on_main
+from fcnseg.utils.distributed import all_gather_object, max_restarts, on_main, restart_count
 
 # best.pt is for evaluation, prediction and staged training (model.init_from): the weights and
 # what they were trained with. The optimizer state (as large again as the weights with SGD
@@ -92,3 +92,35 @@ def restore(
     if scaler.is_enabled() and ckpt.get("scaler"):
         scaler.load_state_dict(ckpt["scaler"])
     return ckpt
+
+
+def restart_warnings(run_dir: Path, resume: bool | str) -> list[str]:
+    """What to tell a user whose workers torchrun restarts (``--max-restarts``), if anything.
+
+    torchrun restarts a failed group with the command it was given; the run continues only when
+    that command names this run directory (``hydra.run.dir``, which is otherwise the start time)
+    and resumes from it (``trainer.resume=auto``). Call before the directory is claimed.
+
+    Args:
+        run_dir: this run's directory (which Hydra creates, empty, before the run starts).
+        resume: ``trainer.resume``.
+    """
+    restarts, allowed = restart_count(), max_restarts()
+    if restarts:
+        notes = [
+            f"torchrun restarted the workers after a failure (restart {restarts} of at most "
+            f"{allowed} on this machine)"
+        ]
+        if run_dir.is_dir() and not any(run_dir.iterdir()):
+            notes.append(
+                f"{run_dir} is new: this restart does not continue the run that failed, whose "
+                f"directory was another; start the job with hydra.run.dir=DIR and "
+                f"trainer.resume=auto so that every restart continues it"
+            )
+        return notes
+    if allowed and resume is not True and resume != "auto":
+        return [
+            f"torchrun --max-restarts={allowed} restarts failed workers with this same command, "
+            f"which cannot continue this run (trainer.resume={resume}): add trainer.resume=auto"
+        ]
+    return []

@@ -35,7 +35,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Dataset
 
 from fcnseg.data.loader import eval_loader, train_loader
-from fcnseg.engine.checkpointer import restore, resume_path, write_checkpoint
+from fcnseg.engine.checkpointer import restart_warnings, restore, resume_path, write_checkpoint
 from fcnseg.engine.evaluator import evaluate, spread
 from fcnseg.engine.loggers import Evaluation, ExperimentLogger, LoggerGroup, TensorBoardLogger
 from fcnseg.engine.loss import SegLoss
@@ -121,11 +121,14 @@ class Trainer:
         self.runtime = runtime or Runtime.from_settings(s)
         self.device, self.dist = self.runtime.device, self.runtime.dist
         self.run_dir = shared_run_dir(run_dir)
+        restarts = restart_warnings(self.run_dir, s.resume) if self.dist.is_main else []
         # Nothing is written into the run directory before it is accepted for this run.
         self._lock = on_main(
             lambda: claim_run_dir(self.run_dir, resume=s.resume, overwrite=s.overwrite)
         )
         self.log = setup_logging(self.run_dir / "train.log", main_process=self.dist.is_main)
+        for note in restarts:  # torchrun --max-restarts: a restart, or a command that cannot resume
+            self.log.warning(note)
         seed_everything(s.seed + self.dist.rank)  # each process draws its own dropout masks
 
         self.model = self.runtime.prepare(model, sync_bn=s.sync_bn)

@@ -4,6 +4,9 @@ torchrun (``python -m torch.distributed.run``) starts the processes and describe
 the environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``, ...); this module
 joins that group (NCCL on GPUs, gloo on CPU) and offers the few collectives the engine needs.
 Everything is a no-op in a single process, so the same code runs with and without a launcher.
+
+A group that torchrun restarts (``--max-restarts``) forms again in keys of its own: see
+``attempt_store``.
 """
 
 from __future__ import annotations
@@ -12,8 +15,11 @@ import contextlib
 import os
 import shlex
 import sys
+import time
+import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +30,8 @@ from fcnseg.errors import UserError
 
 # What torchrun sets for every worker; a process started by hand without them is alone.
 _TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+# Where in the launcher's store the processes agree on their attempt (attempt_store).
+_ATTEMPT_KEYS = "fcnseg/attempt"
 
 
 @dataclass(frozen=True)
@@ -84,8 +92,10 @@ def resolve_device(device: str, local_rank: int = 0) -> torch.device:
 def init_distributed(device: torch.device) -> DistInfo:
     """Joins the process group torchrun describes in the environment (no-op when alone).
 
-    The backend is NCCL for CUDA devices and gloo otherwise. A group that the caller already
-    initialised is reused as it is.
+    The backend is NCCL for CUDA devices and gloo otherwise. The group's keys live in a part of
+    the launcher's store that no earlier attempt of the job used (``attempt_store``), so a group
+    that torchrun restarts after a failure forms like the first one. A group that the caller
+    already initialised is reused as it is.
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1 and not _active():
@@ -100,8 +110,87 @@ def init_distributed(device: torch.device) -> DistInfo:
         backend = "nccl" if device.type == "cuda" else "gloo"
         if device.type == "cuda":
             torch.cuda.set_device(device)  # NCCL and the CUDA generator follow it
-        dist.init_process_group(backend=backend)
+        store, rank, world = next(dist.rendezvous("env://", timeout=dist.default_pg_timeout))
+        store = attempt_store(store, rank=rank, world_size=world)
+        dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world)
     return get_info()
+
+
+def attempt_store(
+    store: dist.Store,
+    *,
+    rank: int,
+    world_size: int,
+    timeout: timedelta = dist.default_pg_timeout,
+    poll: float = 0.02,
+) -> dist.Store:
+    """``store`` narrowed to keys that no earlier attempt of this job wrote, on every process.
+
+    torchrun serves one store for the whole job, at the same ``MASTER_ADDR:MASTER_PORT``, and
+    when it restarts the workers (``--max-restarts``) the keys of the group that died are still
+    there: each process's gloo address, NCCL's unique id. A restarted process that reads its
+    peer's old address before the peer has replaced it connects to a dead process's port, and
+    the group fails to form (gloo: ``connectFullMesh ... Connection refused``, or a wait until
+    the group's timeout); it happens or not by the order in which the processes start.
+    ``TORCHELASTIC_RESTART_COUNT`` cannot name the attempt: each machine's agent counts only the
+    failures it saw.
+
+    So rank 0 draws a new token and publishes it; every other process answers with the token it
+    read and a random nonce of its own, and takes the token once rank 0 acknowledges that nonce.
+    A stale token (an earlier attempt's, read before rank 0 replaced it) is never acknowledged,
+    and the process reads the token again. Every process then returns the store under the same
+    new prefix.
+
+    Args:
+        store: the job's store (``torch.distributed.rendezvous("env://")``).
+        rank, world_size: this process's place in the group.
+        timeout: how long to wait for the other processes.
+        poll: seconds between a waiting process's looks at the store.
+
+    Raises:
+        TimeoutError: a process did not answer within ``timeout``.
+    """
+    token_key = f"{_ATTEMPT_KEYS}/token"
+    if rank == 0:
+        token = uuid.uuid4().hex
+        store.set(token_key, token)
+        hellos = [f"{_ATTEMPT_KEYS}/{token}/hello/{r}" for r in range(1, world_size)]
+        if hellos:
+            try:
+                store.wait(hellos, timeout)
+            except dist.DistStoreError as err:
+                raise TimeoutError(
+                    f"rank 0 waited {timeout} for the other {world_size - 1} process(es) to "
+                    f"join the group: {err}"
+                ) from err
+            nonces = store.multi_get(hellos)
+            store.multi_set([f"{_ATTEMPT_KEYS}/ack/{r}" for r in range(1, world_size)], nonces)
+    else:
+        nonce, sent, ack = uuid.uuid4().hex, None, f"{_ATTEMPT_KEYS}/ack/{rank}"
+        deadline = time.monotonic() + timeout.total_seconds()
+        while True:
+            token = store.get(token_key).decode()  # waits for the first attempt's rank 0
+            if token != sent:  # a new token, or the first: answer it
+                store.set(f"{_ATTEMPT_KEYS}/{token}/hello/{rank}", nonce)
+                sent = token
+            if store.check([ack]) and store.get(ack).decode() == nonce:
+                break
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"process {rank} waited {timeout} for rank 0 to admit it to the group"
+                )
+            time.sleep(poll)
+    return dist.PrefixStore(f"{_ATTEMPT_KEYS}/{token}/group/", store)
+
+
+def restart_count() -> int:
+    """How many times torchrun has restarted this machine's workers (0: their first start)."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+
+
+def max_restarts() -> int:
+    """torchrun's ``--max-restarts`` (0 without torchrun)."""
+    return int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0"))
 
 
 def get_info() -> DistInfo:
