@@ -34,7 +34,7 @@ WORK=$(mktemp -d /var/tmp/fcnseg-image-test.XXXXXX)
 KEEP=0
 on_exit '[[ ${KEEP} == 1 ]] || rm -rf "${WORK}"'
 TAG=fcnseg-smoke-$$
-on_exit 'engine rm -f "${TAG}-tensorboard" "${TAG}-train" >/dev/null 2>&1'
+on_exit 'engine rm -f -v "${TAG}-tensorboard" "${TAG}-train" >/dev/null 2>&1'
 
 # The README's `docker ...`, with what this engine needs on this host; `docker compose` is below.
 docker() {
@@ -136,7 +136,7 @@ http_get "http://127.0.0.1:${port}/" >/dev/null || fail "TensorBoard did not ans
 runs=$(http_get "http://127.0.0.1:${port}/data/runs")
 [[ ${runs} == *smoke/tensorboard* ]] || fail "TensorBoard lists ${runs}, not smoke/tensorboard"
 docker stop "${TAG}-tensorboard" >/dev/null
-docker rm "${TAG}-tensorboard" >/dev/null
+docker rm -v "${TAG}-tensorboard" >/dev/null
 
 # --------------------------------------------------------------------------- 5: stop, resume
 step "5. docker stop a long training run, then resume it"
@@ -155,7 +155,7 @@ done
 docker stop --time 120 "${TAG}-train" >/dev/null
 status=$(docker inspect --format '{{.State.ExitCode}}' "${TAG}-train")
 docker logs "${TAG}-train" >long.log 2>&1
-docker rm "${TAG}-train" >/dev/null
+docker rm -v "${TAG}-train" >/dev/null
 # 137 would be SIGKILL: the run did not stop within the grace period.
 [[ ${status} != 137 ]] || fail "the long run was killed, not stopped (exit status 137)"
 grep -q "training stopped by SIGTERM" long.log || { tail -n 30 long.log >&2; fail "no SIGTERM reached the workers"; }
