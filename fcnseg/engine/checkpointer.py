@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -95,32 +96,44 @@ def restore(
 
 
 def restart_warnings(run_dir: Path, resume: bool | str) -> list[str]:
-    """What to tell a user whose workers torchrun restarts (``--max-restarts``), if anything.
+    """What to tell a user whose job restarts itself, if anything.
 
-    torchrun restarts a failed group with the command it was given; the run continues only when
-    that command names this run directory (``hydra.run.dir``, which is otherwise the start time)
-    and resumes from it (``trainer.resume=auto``). Call before the directory is claimed.
+    torchrun restarts failed workers (``--max-restarts``) and SLURM requeues a preempted or
+    timed-out job (``hydra/launcher=slurm``) with the command they were given; the run
+    continues only when that command names this run directory (``hydra.run.dir``, which is
+    otherwise the start time; a multirun's job directories are fixed at submission) and resumes
+    from it (``trainer.resume=auto``). Call before the directory is claimed.
 
     Args:
         run_dir: this run's directory (which Hydra creates, empty, before the run starts).
         resume: ``trainer.resume``.
     """
     restarts, allowed = restart_count(), max_restarts()
+    requeues = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
+    notes = []
     if restarts:
-        notes = [
+        notes.append(
             f"torchrun restarted the workers after a failure (restart {restarts} of at most "
             f"{allowed} on this machine)"
-        ]
-        if run_dir.is_dir() and not any(run_dir.iterdir()):
+        )
+    if requeues:
+        notes.append(f"SLURM requeued this job (start {requeues + 1})")
+    if notes and run_dir.is_dir() and not any(run_dir.iterdir()):
+        notes.append(
+            f"{run_dir} is new: this start does not continue the run that was interrupted, "
+            f"whose directory was another; name the run directory (hydra.run.dir=DIR) and add "
+            f"trainer.resume=auto so that every restart continues it"
+        )
+    if not notes and resume is not True and resume != "auto":
+        if allowed:
             notes.append(
-                f"{run_dir} is new: this restart does not continue the run that failed, whose "
-                f"directory was another; start the job with hydra.run.dir=DIR and "
-                f"trainer.resume=auto so that every restart continues it"
+                f"torchrun --max-restarts={allowed} restarts failed workers with this same "
+                f"command, which cannot continue this run (trainer.resume={resume}): add "
+                f"trainer.resume=auto"
             )
-        return notes
-    if allowed and resume is not True and resume != "auto":
-        return [
-            f"torchrun --max-restarts={allowed} restarts failed workers with this same command, "
-            f"which cannot continue this run (trainer.resume={resume}): add trainer.resume=auto"
-        ]
-    return []
+        elif "SUBMITIT_EXECUTOR" in os.environ:
+            notes.append(
+                f"a requeued job runs this same command, which cannot continue this run "
+                f"(trainer.resume={resume}): add trainer.resume=auto"
+            )
+    return notes

@@ -19,7 +19,12 @@ import torch
 from torch import nn
 
 from fcnseg.errors import UserError
-from fcnseg.utils.distributed import DistInfo, init_distributed, resolve_device
+from fcnseg.utils.distributed import (
+    DistInfo,
+    export_scheduler_env,
+    init_distributed,
+    resolve_device,
+)
 from fcnseg.utils.logging import get_logger
 
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -161,7 +166,8 @@ class Runtime:
         compile: bool | str = False,
         distributed: bool = True,
     ) -> Runtime:
-        """Resolves ``device`` and joins the process group torchrun describes (if any).
+        """Resolves ``device`` and joins the process group torchrun describes, or that a job
+        scheduler's tasks form (``export_scheduler_env``), if any.
 
         Args:
             device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N`` (``resolve_device``): a process
@@ -173,6 +179,8 @@ class Runtime:
             raise UserError(
                 f"trainer.compile={compile!r} is not one of false, true, {', '.join(COMPILE_MODES)}"
             )
+        if distributed:
+            export_scheduler_env()  # SLURM's tasks (hydra/launcher=slurm) as torchrun's workers
         dev = resolve_device(device, int(os.environ.get("LOCAL_RANK", "0")))
         chosen, note = choose_precision(amp, dev)
         dist = init_distributed(dev) if distributed else DistInfo()

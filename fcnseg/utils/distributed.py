@@ -6,13 +6,15 @@ joins that group (NCCL on GPUs, gloo on CPU) and offers the few collectives the 
 Everything is a no-op in a single process, so the same code runs with and without a launcher.
 
 A group that torchrun restarts (``--max-restarts``) forms again in keys of its own: see
-``attempt_store``.
+``attempt_store``. Processes that a job scheduler starts as its own tasks (``hydra/launcher=slurm``,
+through submitit) describe themselves the same way: see ``export_scheduler_env``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import random
 import shlex
 import sys
 import time
@@ -87,6 +89,37 @@ def resolve_device(device: str, local_rank: int = 0) -> torch.device:
     if device != "cpu":
         raise UserError(f"trainer.device={device!r} is not one of auto, cpu, cuda, cuda:N")
     return torch.device("cpu")
+
+
+def export_scheduler_env() -> bool:
+    """Describes a job scheduler's tasks in torchrun's variables; returns whether it did.
+
+    ``hydra/launcher=slurm`` (and ``submitit_local``) runs each training process as one task of
+    a job, through submitit: SLURM (or submitit's local executor) tells each task its rank, its
+    rank on its machine and the job's machines, torchrun's variables are not set. This sets
+    ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``LOCAL_WORLD_SIZE`` from them, ``MASTER_ADDR`` to
+    the job's first machine (rank 0's, in SLURM's block distribution) and ``MASTER_PORT`` to a
+    port drawn from the job id (20000-59999, as submitit's own helper does; the same after a
+    requeue, which keeps the job id), unless they are set already. Nothing happens under
+    torchrun or outside a job of several tasks. ``CUDA_VISIBLE_DEVICES`` is left alone:
+    ``resolve_device`` finds each task's GPU either way.
+    """
+    if "SUBMITIT_EXECUTOR" not in os.environ or "RANK" in os.environ:
+        return False
+    import submitit  # installed wherever submitit runs a job (fcnseg[slurm])
+
+    job = submitit.JobEnvironment()
+    if job.num_tasks <= 1:
+        return False
+    os.environ.update(
+        RANK=str(job.global_rank),
+        WORLD_SIZE=str(job.num_tasks),
+        LOCAL_RANK=str(job.local_rank),
+        LOCAL_WORLD_SIZE=str(job.num_tasks // job.num_nodes),
+    )
+    os.environ.setdefault("MASTER_ADDR", job.hostnames[0])
+    os.environ.setdefault("MASTER_PORT", str(random.Random(job.job_id).randint(20000, 59999)))
+    return True
 
 
 def init_distributed(device: torch.device) -> DistInfo:
