@@ -172,6 +172,7 @@ def test_a_restarted_group_ignores_the_keys_of_the_group_that_died():
     late = threading.Thread(target=join, args=(1,))
     late.start()
     while not server.check([f"fcnseg/attempt/{old}/hello/1"]):  # rank 1 answered the old token
+        assert late.is_alive(), "rank 1 left before rank 0 came"
         late.join(0.01)
     join(0)
     late.join(10)
