@@ -69,7 +69,10 @@ def test_a_slurm_job_has_one_task_per_gpu_a_time_limit_and_requeues(tmp_path, mo
 
 def scheduler(monkeypatch, **env: str) -> None:
     for key in (*TORCHRUN_VARS, "SUBMITIT_EXECUTOR"):
-        monkeypatch.delenv(key, raising=False)
+        # setenv first, so that monkeypatch restores the key's true state (absent, usually)
+        # and not what export_scheduler_env wrote into os.environ in between.
+        monkeypatch.setenv(key, "")
+        monkeypatch.delenv(key)
     for key, value in env.items():
         monkeypatch.setenv(key, value)
 
