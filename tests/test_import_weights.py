@@ -107,7 +107,8 @@ def _config(head: str, *, backbone: str = "vgg_tiny", num_classes: int = 5) -> d
         "backbone": {"_target_": target, "pretrained": True, "weights": None, **options},
         "head": {"_target_": f"fcnseg.models.heads.{head}", "_partial_": True,
                  "learnable_upsample": False},
-        "dataset": {"name": "voc", "num_classes": num_classes, "normalize": "imagenet"},
+        "dataset": {"name": "voc", "num_classes": num_classes, "normalize": "imagenet",
+                    "class_names": [f"class{i}" for i in range(num_classes)]},
     }  # fmt: skip
 
 
