@@ -51,7 +51,7 @@ def test_a_nan_step_leaves_model_and_optimizer_bit_identical(tmp_path, batch_nor
     bad = images.clone()
     bad[0, :, :4, :4] = float("nan")
     assert trainer.run_step(bad, targets) != trainer.run_step(bad, targets)  # nan, twice
-    assert trainer.skipped_steps == 2
+    assert trainer.skips.count == 2
 
     after = trainer.model.state_dict()
     assert after.keys() == model.keys()

@@ -128,7 +128,7 @@ def test_updates_skipped_by_the_fp16_scaler_are_counted(tmp_path):
         trainer.log.removeHandler(handler)
     assert all(torch.isfinite(torch.tensor(losses)))  # the loss itself was fine
     assert scaler.get_scale() == 2.0**96  # halved once per skipped step
-    assert trainer.skipped_steps == 4
+    assert trainer.skips.count == 4
     # Rate-limited: the 1st, 2nd and 4th skip are said, and that most updates were skipped.
     assert [m.split(":")[0] for m in said] == [
         "iteration 1", "iteration 2", "4 of the last 4 updates were skipped", "iteration 4"
@@ -141,7 +141,7 @@ def test_updates_skipped_by_the_fp16_scaler_are_counted(tmp_path):
     # A scale in range: the next step updates, and nothing more is counted.
     scaler.load_state_dict({**scaler.state_dict(), "scale": 1024.0})
     trainer.run_step(images, targets)
-    assert trainer.skipped_steps == 4
+    assert trainer.skips.count == 4
     assert any(not torch.equal(b, a) for b, a in zip(weights, trainer.model.parameters()))
 
 

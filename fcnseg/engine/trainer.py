@@ -50,6 +50,7 @@ from fcnseg.engine.run_dir import (
 )
 from fcnseg.engine.runtime import Runtime, seed_everything
 from fcnseg.engine.settings import TrainSettings
+from fcnseg.engine.skips import SkippedUpdates
 from fcnseg.engine.step import NonFiniteLossError, TrainStep
 from fcnseg.engine.summary import run_summary
 from fcnseg.metrics import SegMetrics
@@ -146,7 +147,7 @@ class Trainer:
 
         self.iteration = 0
         self.best_miou = -1.0
-        self.skipped_steps = 0
+        self.skips = SkippedUpdates(s.nan_policy, self.log)  # nan_policy, fp16 overflows
         self.pending_eval = False  # an evaluation is due at this iteration (e.g. cut short)
         self.metrics: dict[str, Any] = {}
         self._last_saved: int | None = None  # iteration held by run_dir's last.pt
@@ -233,15 +234,12 @@ class Trainer:
         result = self.step(images, targets, stop_requested=self._stop_requested())
         self._stopping = self._stopping or result.stop
         if not result.finite:
-            self._on_non_finite(result.loss)
+            self.skips.non_finite(
+                result.loss, step=self.iteration + 1, parameters=self.model.parameters(),
+                checkpoint=self.run_dir / "checkpoints" / "last.pt", saved_at=self._last_saved,
+            )  # fmt: skip
         elif result.overflow:  # fp16: the scaler skipped this update; counted and said
-            self.skipped_steps += 1
-            if self.skipped_steps & (self.skipped_steps - 1) == 0:  # 1, 2, 4, 8, ...: rate-limited
-                self.log.warning(
-                    "iteration %d: the fp16 gradient scaler skipped the update (the gradients "
-                    "overflowed) and lowered its scale to %g; %d update(s) skipped so far",
-                    self.iteration + 1, self.step.scaler.get_scale(), self.skipped_steps,
-                )  # fmt: skip
+            self.skips.overflow(step=self.iteration + 1, scale=self.step.scaler.get_scale())
         self.iteration += 1
         return result.loss
 
@@ -299,7 +297,7 @@ class Trainer:
             "scaler": self.step.scaler.state_dict(),
             "iteration": self.iteration,
             "best_miou": self.best_miou,
-            "skipped_steps": self.skipped_steps,
+            "skipped_steps": self.skips.count,
             "pending_eval": self.pending_eval,
             "data": self._data_position(),
             "config": self.config,
@@ -327,7 +325,7 @@ class Trainer:
         )  # fmt: skip
         self.iteration = int(ckpt["iteration"])
         self.best_miou = float(ckpt.get("best_miou", -1.0))
-        self.skipped_steps = int(ckpt.get("skipped_steps", 0))
+        self.skips.count = int(ckpt.get("skipped_steps", 0))
         self.pending_eval = bool(ckpt.get("pending_eval", False))
         self._last_saved = self.iteration if path.resolve() == last.resolve() else None
         saved_position, position = ckpt.get("data"), self._data_position()
@@ -359,31 +357,6 @@ class Trainer:
     def _stop_requested(self) -> bool:
         return self._signals is not None and self._signals.received is not None
 
-    def _on_non_finite(self, value: float) -> None:
-        """Applies ``nan_policy`` to a step whose loss was ``value`` (identical everywhere)."""
-        step = self.iteration + 1
-        if self.settings.nan_policy == "stop":
-            last = self.run_dir / "checkpoints" / "last.pt"
-            if self._last_saved is not None:
-                kept = f"the last good checkpoint, {last} (iteration {self._last_saved}), is kept"
-            else:
-                kept = "no checkpoint had been written yet"
-            raise NonFiniteLossError(
-                f"the training loss is {value} at iteration {step}; training stopped before "
-                f"updating the weights and {kept} (lower the learning rate, or set "
-                f"trainer.nan_policy=skip)"
-            )
-        self.skipped_steps += 1
-        if not all(bool(torch.isfinite(p).all()) for p in self.model.parameters()):
-            raise NonFiniteLossError(
-                f"the weights are not finite at iteration {step}: skipping steps cannot recover; "
-                f"resume from an earlier checkpoint with a lower learning rate"
-            )
-        self.log.warning(
-            "iteration %d: loss %s, update skipped (%d skipped so far)",
-            step, value, self.skipped_steps,
-        )  # fmt: skip
-
     def _until_stop(self, loader: Iterable) -> Iterator:
         """``loader``'s batches until a stop signal arrives; closing it stops the workers."""
         with iter(loader) as batches:
@@ -396,7 +369,7 @@ class Trainer:
         if metrics is None:  # cut short by a stop signal: the resumed run evaluates again
             return
         self.pending_eval = False
-        self.metrics = metrics = {**metrics, "skipped_steps": self.skipped_steps}
+        self.metrics = metrics = {**metrics, "skipped_steps": self.skips.count}
         if self.dist.is_main:
             (self.run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
         if metrics["miou"] > self.best_miou:
@@ -431,7 +404,7 @@ class Trainer:
 
     def _log_train(self, loss: float, seconds: float) -> None:
         lr = self.optimizer.param_groups[0]["lr"]
-        skipped = f", {self.skipped_steps} update(s) skipped" if self.skipped_steps else ""
+        skipped = f", {self.skips.count} update(s) skipped" if self.skips.count else ""
         if skipped and self.step.scaler.is_enabled():
             skipped += f" (fp16 gradient scale {self.step.scaler.get_scale():g})"
         self.log.info(
@@ -440,8 +413,8 @@ class Trainer:
             seconds / self.settings.log_interval, skipped,
         )  # fmt: skip
         scalars = {"train/loss": loss, "train/lr": lr}
-        if self.skipped_steps:
-            scalars["train/skipped_steps"] = self.skipped_steps
+        if self.skips.count:
+            scalars["train/skipped_steps"] = self.skips.count
         if self.step.scaler.is_enabled():
             scalars["train/amp_scale"] = self.step.scaler.get_scale()
         self.loggers.log_scalars(scalars, self.iteration)
