@@ -1,5 +1,7 @@
 # The verbs of the project. Every target installs what it needs first.
 PYTHON ?= python3
+# make test's processes (pytest-xdist); JOBS=0 runs the suite in make's own process.
+JOBS   ?= 2
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
@@ -23,7 +25,7 @@ train: $(STAMP)
 	$(BIN)/python scripts/train.py $(ARGS)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q $(ARGS)
+	$(BIN)/python -m pytest -q -n $(JOBS) $(ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
