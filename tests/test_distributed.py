@@ -22,6 +22,7 @@ from test_resume import NUM_CLASSES, one_thread, tiny_model, tiny_trainer  # noq
 from fcnseg.engine.trainer import NonFiniteLossError
 from fcnseg.errors import UserError
 from fcnseg.utils.checkpoint import load_checkpoint
+from fcnseg.utils.cli import user_errors
 from fcnseg.utils.distributed import cleanup, launch_command, local_main_first
 
 # Batch-independent layers (no BatchNorm, no dropout) so that a gradient over a batch split
@@ -199,6 +200,8 @@ def test_launch_command_repeats_the_launcher(monkeypatch):
     assert launch_command(args, script="scripts/train.py") == (
         "python scripts/train.py 'dataset.builder.num_samples={train: 8}' trainer.resume=true"
     )
+    # An installed command is on PATH: it resumes by its name, not through some `python`.
+    assert launch_command(["a=1"], script="/venv/bin/fcnseg-train") == "fcnseg-train a=1"
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")
     monkeypatch.setenv("WORLD_SIZE", "4")
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
@@ -259,3 +262,12 @@ def test_the_machines_first_process_downloads_before_the_others(tmp_path):
     )
     assert (tmp_path / "saw0").read_text() == "False"
     assert (tmp_path / "saw1").read_text() == "True"
+
+
+def test_an_installed_command_reports_errors_under_its_own_name(monkeypatch, capsys):
+    for argv0, program in (("/venv/bin/fcnseg-train", "fcnseg-train"), ("scripts/x.py", "x.py")):
+        monkeypatch.setattr(sys, "argv", [argv0])
+        with pytest.raises(SystemExit) as exit_, user_errors("x.py"):
+            raise UserError("dataset.root=/nowhere is missing")
+        assert exit_.value.code == 2
+        assert capsys.readouterr().err == f"{program}: error: dataset.root=/nowhere is missing\n"

@@ -6,8 +6,14 @@ import contextlib
 import inspect
 import sys
 from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
 
 from fcnseg.errors import UserError
+
+
+def is_installed_command(path: str) -> bool:
+    """Whether ``path`` is one of the commands ``pip install fcnseg`` puts on PATH."""
+    return Path(path).name.startswith("fcnseg-")
 
 
 @contextlib.contextmanager
@@ -15,6 +21,8 @@ def user_errors(
     program: str = "fcnseg", *, also: tuple[type[BaseException], ...] = ()
 ) -> Iterator[None]:
     """Prints a user error as ``program: error: message`` on one line and exits with status 2.
+
+    An installed command (``fcnseg-train``) speaks under its own name rather than ``program``.
 
     A user error is a ``UserError``, one of the ``also`` types (e.g. a config system's error
     for a key that names a bad argument), or any exception caused by either: a ``UserError``
@@ -27,6 +35,8 @@ def user_errors(
         if culprit is None:
             raise
         message = " ".join(str(culprit).split())  # one line, whatever the wrapper made of it
+        if sys.argv and is_installed_command(sys.argv[0]):
+            program = Path(sys.argv[0]).name
         print(f"{program}: error: {message}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
 

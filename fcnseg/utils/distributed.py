@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 
 from fcnseg.errors import UserError
+from fcnseg.utils.cli import is_installed_command
 
 # What torchrun sets for every worker; a process started by hand without them is alone.
 _TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -346,6 +347,8 @@ def launch_command(args: Sequence[str], *, script: str | None = None) -> str:
     script = script or sys.argv[0]
     tail = shlex.join([script, *args])
     if "TORCHELASTIC_RUN_ID" not in os.environ:
+        if is_installed_command(script):  # on PATH: run by its name, whichever Python it uses
+            return shlex.join([Path(script).name, *args])
         return f"python {tail}"
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
