@@ -39,7 +39,7 @@ PRESET_VALUES = {
     "voc_fcn8s_modern": ("sgd", "poly", 1e-3, 0.9, 5e-4, 30_000, 8, 480, 2000, 1000),
     "cityscapes_fcn8s": ("sgd", "poly", 1e-3, 0.9, 5e-4, 40_000, 8, [512, 1024], 4000, 1000),
     "segnet_camvid": ("sgd", "constant", 1e-3, 0.9, 5e-4, 40_000, 4, None, 2000, 1000),
-    "camvid_cpu": ("adamw", "poly", 1e-2, None, 1e-4, 2000, 8, 224, 2000, 500),
+    "camvid_cpu": ("adamw", "poly", 1e-2, None, 1e-4, 2400, 8, 224, 2400, 500),
 }
 
 
