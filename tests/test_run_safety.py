@@ -128,14 +128,15 @@ def test_a_refused_resume_leaves_the_recorded_config_alone(finished_copy):
 def test_a_second_run_in_a_locked_directory_is_refused_with_the_holders_identity(tmp_path):
     run_dir = tmp_path / "run"
     first = subprocess.Popen(
-        command(run_dir, "trainer.max_iters=500", "trainer.eval_interval=1000"),
+        # Far more steps than the test lasts, however fast they run: SIGTERM ends it.
+        command(run_dir, "trainer.max_iters=1000000", "trainer.eval_interval=1000000"),
         stderr=subprocess.PIPE, text=True, env=ENV, start_new_session=True,
     )  # fmt: skip
     try:
         seen = []
         for line in first.stderr:
             seen.append(line)
-            if "iteration 1/500" in line:
+            if "iteration 1/1000000" in line:
                 break
         assert first.poll() is None, "".join(seen)
         second = train(run_dir, "trainer.max_iters=2")
