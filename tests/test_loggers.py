@@ -7,6 +7,7 @@ import csv
 import functools
 import importlib.util
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -181,3 +182,62 @@ def test_mlflow_missing_is_one_sentence(tmp_path, monkeypatch):
         monkeypatch.setitem(sys.modules, name, None)  # as if not installed
     with pytest.raises(UserError, match=r"needs MLflow.*pip install 'fcnseg\[mlflow\]'"):
         MLflowLogger(tmp_path, tracking_uri=str(tmp_path / "mlruns"))
+
+
+@pytest.mark.skipif(not HAS_MLFLOW, reason="MLflow is not installed (pip install fcnseg[mlflow])")
+def test_an_mlflow_outage_mid_run_does_not_stop_training(tmp_path, monkeypatch):
+    """The store stops answering after the first metrics and comes back later: training runs
+    to the end, says so once, and the metrics logged meanwhile reach MLflow with their steps."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    calls, outage = [], range(2, 9)  # calls 2-8 fail (0 is the parameters)
+    methods = {name: getattr(MlflowClient, name) for name in ("log_batch", "log_text")}
+
+    def flaky(name):
+        def call(self, *args, **kwargs):
+            calls.append(name)
+            if len(calls) - 1 in outage:
+                raise MlflowException("API request failed: Connection refused")
+            return methods[name](self, *args, **kwargs)
+
+        return call
+
+    log_artifact = MlflowClient.log_artifact
+
+    def failing_log_artifact(self, run_id, path, *args, **kwargs):
+        if path.endswith("best.pt"):
+            raise MlflowException("API request failed: 413 Request Entity Too Large")
+        return log_artifact(self, run_id, path, *args, **kwargs)
+
+    for name in methods:
+        monkeypatch.setattr(MlflowClient, name, flaky(name))
+    monkeypatch.setattr(MlflowClient, "log_artifact", failing_log_artifact)
+    run_dir = tmp_path / "run"
+    mlflow = functools.partial(MLflowLogger, tracking_uri=str(tmp_path / "mlruns"), retry_after=0)
+    with torch.random.fork_rng():
+        torch.set_num_threads(1)
+        tiny_run(run_dir, [CSVLogger, mlflow])
+    assert len(calls) > max(outage) + 1  # the outage ended before the run did
+    assert (run_dir / "checkpoints" / "best.pt").is_file()  # trained to the end
+
+    log = (run_dir / "train.log").read_text()
+    assert log.count("MLflow could not") == 2  # one for the whole outage, one for best.pt
+    assert log.count("MLflow answers again") == 1
+    assert re.search(r"MLflow could not store \S+best\.pt \(it stays in the run directory\)", log)
+    record = json.loads((run_dir / "mlflow.json").read_text())
+    client = MlflowClient(record["tracking_uri"])
+    run = client.get_run(record["run_id"])
+    assert run.info.status == "FINISHED"
+    columns, rows = read_csv(run_dir / "metrics.csv")
+    assert set(run.data.metrics) == set(columns[1:])
+    for tag in columns[1:]:  # every step once, with the CSV's value: none lost in the outage
+        history = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, tag))
+        assert history == [(int(r["iteration"]), float(r[tag])) for r in rows if r[tag]], tag
+
+
+@pytest.mark.skipif(not HAS_MLFLOW, reason="MLflow is not installed (pip install fcnseg[mlflow])")
+def test_an_mlflow_store_that_cannot_start_a_run_is_one_sentence(tmp_path):
+    (tmp_path / "taken").write_text("a file, not a folder")
+    with pytest.raises(UserError, match=r"logger\.mlflow\.tracking_uri=file:.*taken: MLflow could"):
+        MLflowLogger(tmp_path / "run", tracking_uri=str(tmp_path / "taken"))

@@ -4,6 +4,7 @@ and keeps a copy of only what a training forward changes (BatchNorm's running st
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -74,3 +75,20 @@ def test_a_nan_step_leaves_model_and_optimizer_bit_identical(tmp_path, batch_nor
         with torch.no_grad():
             trainer.model(bad)
         assert not all(torch.isfinite(b.float()).all() for b in trainer.model.buffers())
+
+
+def test_a_skipped_first_step_does_not_warn_about_the_schedule(tmp_path):
+    """The schedule steps on a skipped update as on any other; PyTorch's "lr_scheduler.step()
+    before optimizer.step()" warning would only alarm the user."""
+    trainer = tiny_trainer(tmp_path, nan_policy="skip")
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(2, 3, 32, 32, generator=g)
+    images[0, :, :4, :4] = float("nan")
+    targets = torch.randint(0, NUM_CLASSES, (2, 32, 32), generator=g)
+    lr = trainer.optimizer.param_groups[0]["lr"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.run_step(images, targets)
+    assert trainer.skips.count == 1
+    assert trainer.optimizer.param_groups[0]["lr"] != lr  # the schedule did step
+    assert not [w for w in caught if "lr_scheduler.step()" in str(w.message)]

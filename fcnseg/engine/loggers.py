@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import functools
 import json
 import os
 import re
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -222,6 +223,11 @@ class CSVLogger(ExperimentLogger):
 # MLflow refuses a param value longer than this (mlflow.utils.validation.MAX_PARAM_VAL_LENGTH).
 _MAX_PARAM_LENGTH = 6000
 _STATUS = {"finished": "FINISHED", "interrupted": "KILLED", "failed": "FAILED"}
+_BATCH = 1000  # MLflow's limit on metrics per log_batch call
+_MAX_PENDING = 100_000  # metric values held while the store does not answer
+# A server that does not answer costs each call at most this (MLflow's own defaults: 7 retries
+# with exponential backoff, 120 s each, minutes of stalled training per call).
+_HTTP_LIMITS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
 
 
 class MLflowLogger(ExperimentLogger):
@@ -233,6 +239,14 @@ class MLflowLogger(ExperimentLogger):
     same MLflow run. MLflow cannot rewrite a metric's history: a resumed run skips, per metric,
     the steps already logged (an exact resume recomputes the same values).
 
+    A tracking store that stops answering mid-run (a server restarted, the network down) does
+    not stop training: the failure is one warning, the metrics wait in memory and are sent,
+    with their steps, once a retry (every ``retry_after`` seconds) gets through; text and
+    artifacts that could not be sent are named in a warning. Against a server, each call gives
+    up after ``MLFLOW_HTTP_REQUEST_MAX_RETRIES`` retries (3 here unless set) of at most
+    ``MLFLOW_HTTP_REQUEST_TIMEOUT`` seconds (20 unless set), so an outage costs training a few
+    seconds per retry, not MLflow's default of minutes.
+
     Args:
         run_dir: the run's folder.
         resume_from: the iteration a resumed run continues from.
@@ -241,9 +255,10 @@ class MLflowLogger(ExperimentLogger):
         experiment: the MLflow experiment, created when missing.
         run_name: shown in the MLflow UI; ``None``: the run directory's last two parts.
         log_checkpoints: store ``best.pt`` with the run (at the end of training).
+        retry_after: seconds between attempts while the store does not answer.
 
     Raises:
-        UserError: MLflow is not installed.
+        UserError: MLflow is not installed, or the store does not answer when the run starts.
     """
 
     def __init__(
@@ -255,6 +270,7 @@ class MLflowLogger(ExperimentLogger):
         experiment: str = "fcnseg",
         run_name: str | None = None,
         log_checkpoints: bool = True,
+        retry_after: float = 60.0,
     ) -> None:
         if "://" not in tracking_uri and not tracking_uri.startswith("file:"):
             tracking_uri = Path(tracking_uri).resolve().as_uri()  # a folder
@@ -262,6 +278,8 @@ class MLflowLogger(ExperimentLogger):
             # MLflow 3 keeps its file store in maintenance mode behind this switch; a local
             # folder needs no server or database, so it stays the default here.
             os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+        for name, value in _HTTP_LIMITS.items():
+            os.environ.setdefault(name, value)
         try:
             from mlflow.exceptions import MlflowException
             from mlflow.tracking import MlflowClient
@@ -270,24 +288,32 @@ class MLflowLogger(ExperimentLogger):
                 "logger=mlflow needs MLflow, which is not installed: pip install 'fcnseg[mlflow]'"
             ) from err
         self.run_dir, self.log_checkpoints = Path(run_dir), log_checkpoints
-        self.client = MlflowClient(tracking_uri)
         self.logged: dict[str, int] = {}  # metric -> last step it holds (a resumed run)
         self.params: set[str] = set()
+        self.pending: list[Any] = []  # metrics not yet accepted by the store
+        self.retry_after, self.failed_at = retry_after, None
         record = self.run_dir / "mlflow.json"
         self.run_id = None
-        if resume_from is not None and record.is_file():
-            previous = json.loads(record.read_text())
-            if previous.get("tracking_uri") == tracking_uri:
-                with contextlib.suppress(MlflowException):
-                    self._continue(previous["run_id"])
-        if self.run_id is None:
-            name = run_name or "/".join(self.run_dir.resolve().parts[-2:])
-            run = self.client.create_run(
-                self._experiment_id(experiment), run_name=name,
-                tags={"fcnseg.run_dir": str(self.run_dir.resolve())},
-            )  # fmt: skip
-            self.run_id = run.info.run_id
-            record.write_text(json.dumps({"tracking_uri": tracking_uri, "run_id": self.run_id}))
+        try:
+            self.client = MlflowClient(tracking_uri)
+            if resume_from is not None and record.is_file():
+                previous = json.loads(record.read_text())
+                if previous.get("tracking_uri") == tracking_uri:
+                    with contextlib.suppress(MlflowException):
+                        self._continue(previous["run_id"])
+            if self.run_id is None:
+                name = run_name or "/".join(self.run_dir.resolve().parts[-2:])
+                run = self.client.create_run(
+                    self._experiment_id(experiment), run_name=name,
+                    tags={"fcnseg.run_dir": str(self.run_dir.resolve())},
+                )  # fmt: skip
+                self.run_id = run.info.run_id
+        except Exception as err:  # MlflowException, the HTTP client's errors, OSError
+            raise UserError(
+                f"logger.mlflow.tracking_uri={tracking_uri}: MLflow could not start a run there "
+                f"({_first_line(err)})"
+            ) from err
+        record.write_text(json.dumps({"tracking_uri": tracking_uri, "run_id": self.run_id}))
         get_logger().info("MLflow run %s at %s", self.run_id, tracking_uri)
 
     def _experiment_id(self, name: str) -> str:
@@ -310,6 +336,38 @@ class MLflowLogger(ExperimentLogger):
         self.client.update_run(run_id, status="RUNNING")
         self.run_id = run_id
 
+    def _send(self, what: str, call: Callable[[], Any], *, final: bool = False) -> bool:
+        """Makes one call to the store; a failure is a warning, not the end of training.
+
+        While the store is failing, calls made before ``retry_after`` seconds have passed are
+        not attempted. ``final`` calls (the run's last: its checkpoint, the remaining metrics,
+        the end) are always attempted, and each failure is said, since none will follow.
+        """
+        log = get_logger()
+        waiting = (
+            self.failed_at is not None and time.monotonic() - self.failed_at < self.retry_after
+        )
+        if waiting and not final:
+            return False
+        try:
+            call()
+        except Exception as err:  # MlflowException, the HTTP client's errors, OSError
+            if final:  # no retry follows: said every time, and no outage begins
+                log.warning("MLflow could not %s (%s)", what, _first_line(err))
+                return False
+            if self.failed_at is None:
+                log.warning(
+                    "MLflow could not %s (%s); training goes on, train.log and the other "
+                    "loggers keep every value, and MLflow is retried every %gs",
+                    what, _first_line(err), self.retry_after,
+                )  # fmt: skip
+            self.failed_at = time.monotonic()
+            return False
+        if self.failed_at is not None:
+            log.info("MLflow answers again")
+            self.failed_at = None
+        return True
+
     def log_params(self, config: Mapping[str, Any]) -> None:
         from mlflow.entities import Param
 
@@ -318,32 +376,63 @@ class MLflowLogger(ExperimentLogger):
             for key, value in _flatten(config).items()
             if key not in self.params
         ]
-        self.client.log_batch(self.run_id, params=params)
-        self.params.update(p.key for p in params)
+        if self._send(
+            "log the parameters", lambda: self.client.log_batch(self.run_id, params=params)
+        ):
+            self.params.update(p.key for p in params)
 
     def log_scalars(self, values: Mapping[str, float], step: int) -> None:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        metrics = [
-            Metric(_key(tag), float(value), now, step)
-            for tag, value in values.items()
-            if step > self.logged.get(_key(tag), -1)
-        ]
-        if metrics:
-            self.client.log_batch(self.run_id, metrics=metrics)
+        for tag, value in values.items():
+            if step > self.logged.get(_key(tag), -1):
+                self.pending.append(Metric(_key(tag), float(value), now, step))
+        if len(self.pending) > _MAX_PENDING:
+            get_logger().warning(
+                "MLflow has not answered for %d metric values: dropping the oldest",
+                len(self.pending),
+            )
+            del self.pending[: len(self.pending) - _MAX_PENDING]
+        self._flush()
+
+    def _flush(self, *, final: bool = False) -> None:
+        while self.pending:
+            batch = self.pending[:_BATCH]
+            call = functools.partial(self.client.log_batch, self.run_id, metrics=batch)
+            if not self._send(f"log {len(self.pending)} metric values", call, final=final):
+                return
+            del self.pending[: len(batch)]
 
     def log_text(self, tag: str, text: str, step: int) -> None:
-        self.client.log_text(self.run_id, text, f"{_key(tag)}.md")  # the latest one
+        name = f"{_key(tag)}.md"  # the latest one
+        self._send(f"store {name}", lambda: self.client.log_text(self.run_id, text, name))
 
     def log_artifact(self, path: Path) -> None:
         if not path.is_file() or (path.suffix == ".pt" and not self.log_checkpoints):
             return  # e.g. no best.pt: a resumed run that did not beat its checkpoint's best
         folder = path.resolve().parent.relative_to(self.run_dir.resolve()).as_posix()
-        self.client.log_artifact(self.run_id, str(path), None if folder == "." else folder)
+        call = functools.partial(
+            self.client.log_artifact, self.run_id, str(path), None if folder == "." else folder
+        )
+        self._send(f"store {path} (it stays in the run directory)", call, final=True)
 
     def close(self, status: str = "finished") -> None:
-        self.client.set_terminated(self.run_id, status=_STATUS.get(status, "FAILED"))
+        self._flush(final=True)
+        if self.pending:
+            get_logger().warning(
+                "%d metric values never reached MLflow (train.log and the other loggers have "
+                "them)", len(self.pending),
+            )  # fmt: skip
+        terminated = functools.partial(
+            self.client.set_terminated, self.run_id, status=_STATUS.get(status, "FAILED")
+        )
+        self._send("close the run", terminated, final=True)
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__
 
 
 def _key(tag: str) -> str:

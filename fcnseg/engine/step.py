@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -29,6 +30,8 @@ from fcnseg.utils.logging import get_logger
 BENCHMARK_MAX_SHAPES = 8
 # A run whose updates are skipped this often (over this many steps) is said not to be learning.
 SKIPPED_WINDOW, SKIPPED_SHARE, SKIPPED_MIN_STEPS = 20, 0.5, 4
+# PyTorch's warning when a schedule steps before its optimizer has (a skipped first update).
+SCHEDULER_BEFORE_OPTIMIZER = r"Detected call of `lr_scheduler\.step\(\)` before `optimizer"
 
 
 def running_statistics(module: nn.Module) -> list[torch.Tensor]:
@@ -165,7 +168,11 @@ class TrainStep:
             with torch.no_grad():
                 for buffer, before in zip(kept, saved):
                     buffer.copy_(before)
-        self.scheduler.step()
+        with warnings.catch_warnings():
+            # A skipped update is a step of the schedule all the same (it counts iterations);
+            # PyTorch's warning that the optimizer has not stepped yet would only alarm.
+            warnings.filterwarnings("ignore", message=SCHEDULER_BEFORE_OPTIMIZER)
+            self.scheduler.step()
         self._note_skipped(not finite or overflow)
         return StepResult(loss=value, finite=finite, stop=stops > 0, overflow=overflow)
 
