@@ -161,6 +161,45 @@ def test_a_stale_lock_is_taken_over(tmp_path):
     assert not (run_dir / LOCK_NAME).exists()
 
 
+@pytest.mark.parametrize(
+    ("held_by", "env", "taken"),
+    [
+        # SLURM requeued the job (after a node died or the time ran out) onto another node.
+        ({"slurm_job": "4242", "slurm_restart": 0}, {"SLURM_RESTART_COUNT": "1"}, True),
+        ({"slurm_job": "4242", "slurm_restart": 1}, {"SLURM_RESTART_COUNT": "3"}, True),
+        # The same run of the job on another node, or another job: cannot be checked, alive.
+        ({"slurm_job": "4242", "slurm_restart": 1}, {"SLURM_RESTART_COUNT": "1"}, False),
+        ({"slurm_job": "999", "slurm_restart": 0}, {"SLURM_RESTART_COUNT": "1"}, False),
+        ({}, {"SLURM_RESTART_COUNT": "1"}, False),
+    ],
+)
+def test_a_requeued_slurm_job_takes_over_its_earlier_runs_lock_on_another_node(
+    tmp_path, monkeypatch, held_by, env, taken
+):
+    from fcnseg.engine.run_dir import claim_run_dir
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    holder = {"host": "node-that-died", "pid": 1, "started": "-", "command": "x", **held_by}
+    (run_dir / LOCK_NAME).write_text(json.dumps(holder))
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    if not taken:
+        with pytest.raises(UserError, match=r"in use by another run \(process 1 on node-that-died"):
+            claim_run_dir(run_dir, resume="auto")
+        assert json.loads((run_dir / LOCK_NAME).read_text()) == holder  # left as it was
+        return
+    with claim_run_dir(run_dir, resume="auto"):
+        mine = json.loads((run_dir / LOCK_NAME).read_text())
+        assert mine["pid"] == os.getpid()
+        assert (mine["slurm_job"], mine["slurm_restart"]) == (
+            "4242",
+            int(env["SLURM_RESTART_COUNT"]),
+        )
+    assert not (run_dir / LOCK_NAME).exists()
+
+
 def test_a_failing_evaluation_keeps_the_steps_before_it(tmp_path):
     """The validation split's second image is unreadable: the first evaluation fails, and
     last.pt holds every step before it."""

@@ -5,7 +5,8 @@ anything into it: it refuses a directory that holds another run's checkpoints un
 continues it (``resume``) or starts over on purpose (``overwrite``), and it takes the
 directory's lock, which a second run started in the same directory meets and refuses with the
 holder's identity. The lock is released on every way out of the process; a lock whose process
-is gone (killed, machine rebooted) is recognised as stale and taken over.
+is gone (killed, machine rebooted, or an earlier run of a requeued SLURM job on another node) is
+recognised as stale and taken over.
 """
 
 from __future__ import annotations
@@ -100,6 +101,9 @@ def _take_lock(run_dir: Path) -> RunLock:
         "started": time.strftime("%Y-%m-%d %H:%M:%S"),
         "command": " ".join(sys.argv),
     }
+    if os.environ.get("SLURM_JOB_ID"):  # a requeued job knows its earlier runs by these
+        owner["slurm_job"] = os.environ["SLURM_JOB_ID"]
+        owner["slurm_restart"] = _restart_count()
     for _ in range(2):  # a second try after removing a stale lock
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
@@ -138,10 +142,18 @@ def _read_holder(path: Path) -> dict | None:
 
 
 def _is_stale(holder: dict) -> bool:
-    """Whether the holder is known to be gone: a process of this machine that no longer runs.
+    """Whether the holder is known to be gone: a process of this machine that no longer runs,
+    or an earlier run of this SLURM job (SLURM requeues a job, on any node, only after all of
+    its earlier run's processes are gone).
 
-    A holder on another machine (a shared file system) cannot be checked and counts as alive.
+    Any other holder on another machine (a shared file system) cannot be checked and counts as
+    alive.
     """
+    job = os.environ.get("SLURM_JOB_ID")
+    if job and holder.get("slurm_job") == job:
+        with contextlib.suppress(KeyError, TypeError, ValueError):
+            if int(holder["slurm_restart"]) < _restart_count():
+                return True
     if holder.get("host") != socket.gethostname():
         return False
     if holder.get("pid") == os.getpid():  # this process's own earlier run, which ended
@@ -153,6 +165,15 @@ def _is_stale(holder: dict) -> bool:
     except (PermissionError, KeyError, ValueError, TypeError):
         return False
     return False
+
+
+def _restart_count() -> int:
+    """How many times SLURM has requeued this job (``SLURM_RESTART_COUNT``, unset before the
+    first requeue)."""
+    try:
+        return int(os.environ.get("SLURM_RESTART_COUNT") or 0)
+    except ValueError:
+        return 0
 
 
 def check_room(folder: Path, needed: int) -> None:
