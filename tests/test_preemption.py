@@ -196,3 +196,58 @@ def test_sigterm_mid_run_writes_a_checkpoint_and_the_printed_command_resumes(tmp
         f"resumed from {run_dir / 'checkpoints' / 'last.pt'} at iteration {stopped}" in done.stderr
     )
     assert load_checkpoint(run_dir / "checkpoints" / "last.pt")["iteration"] == stopped + 2
+
+
+class SignalAt(Dataset):
+    """Sends ``signum`` to its own (the training) process on fetch number ``at``."""
+
+    def __init__(self, dataset: Dataset, *, at: int, signum: int) -> None:
+        self.dataset, self.at, self.signum, self.fetches = dataset, at, signum, 0
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        self.fetches += 1
+        if self.fetches == self.at:
+            os.kill(os.getpid(), self.signum)
+        return self.dataset[key]
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGUSR2"), reason="no SIGUSR2 on this system")
+def test_a_time_limit_signal_saves_the_step_then_reaches_the_requeue_handler(tmp_path):
+    """SLURM's time-limit warning (SIGUSR2) stops training after a saved step like SIGTERM,
+    then reaches the handler installed before training (submitit's, which requeues the job)
+    with last.pt already written."""
+    calls = []
+
+    def requeue(signum, frame):  # what submitit installs for SIGUSR2 before the task runs
+        calls.append((signum, load_checkpoint(tmp_path / "checkpoints" / "last.pt")["iteration"]))
+        raise SystemExit(-1)  # submitit's way out after requeueing
+
+    previous = signal.signal(signal.SIGUSR2, requeue)
+    try:
+        trainer = tiny_trainer(tmp_path, max_iters=50, eval_interval=100)
+        trainer.train_set = SignalAt(trainer.train_set, at=5, signum=signal.SIGUSR2)
+        with pytest.raises(SystemExit):
+            trainer.fit()
+        assert signal.getsignal(signal.SIGUSR2) is requeue  # restored
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
+    # Fetch 5 is in the 3rd batch of 2 (the loader may read one batch ahead): the step then in
+    # progress was finished and saved, long before the 50th.
+    assert calls == [(signal.SIGUSR2, trainer.iteration)]
+    assert 2 <= trainer.iteration <= 3
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGUSR2"), reason="no SIGUSR2 on this system")
+def test_a_time_limit_signal_without_a_handler_stops_like_sigterm(tmp_path):
+    from fcnseg.engine.trainer import TrainingInterrupted
+
+    trainer = tiny_trainer(tmp_path, max_iters=50, eval_interval=100)
+    trainer.train_set = SignalAt(trainer.train_set, at=5, signum=signal.SIGUSR2)
+    with pytest.raises(TrainingInterrupted, match="stopped by SIGUSR2 after iteration") as stop:
+        trainer.fit()
+    assert stop.value.exit_code == 128 + signal.SIGUSR2
+    assert load_checkpoint(tmp_path / "checkpoints" / "last.pt")["iteration"] == trainer.iteration
+    assert signal.getsignal(signal.SIGUSR2) is signal.SIG_DFL

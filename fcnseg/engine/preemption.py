@@ -1,11 +1,14 @@
-"""Stopping on request: SIGTERM or SIGINT ends training after a complete, saved step.
+"""Stopping on request: SIGTERM, SIGINT or SIGUSR2 ends training after a complete, saved step.
 
 A scheduler preempting a job (SLURM, Kubernetes) or a user pressing Ctrl-C sends SIGTERM or
-SIGINT. ``StopSignals`` turns the signal into a flag that the training loop reads after each
+SIGINT; SLURM warns of a job's time limit with SIGUSR2 (``--signal=USR2@90``, what submitit
+asks for). ``StopSignals`` turns the signal into a flag that the training loop reads after each
 step; every process agrees on it in the step's all-reduce, so they all stop after the same
 step, write ``last.pt`` and raise ``TrainingInterrupted``, whose message is the command that
-resumes the run. Loader workers ignore both signals (``shielded``): a worker killed by the
-scheduler's signal would break the batch that the last step needs.
+resumes the run. A handler that was installed for the signal before training (submitit's, which
+requeues the job) is then called, with ``last.pt`` written. Loader workers ignore these signals
+(``shielded``): a worker killed by the scheduler's signal would break the batch that the last
+step needs.
 """
 
 from __future__ import annotations
@@ -22,7 +25,9 @@ from torch.utils.data import DataLoader
 
 from fcnseg.utils.distributed import DistInfo
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT) + (
+    (signal.SIGUSR2,) if hasattr(signal, "SIGUSR2") else ()  # not on Windows
+)
 
 
 class TrainingInterrupted(Exception):
@@ -56,12 +61,17 @@ class TrainingInterrupted(Exception):
 
 
 class StopSignals:
-    """While active, SIGTERM and SIGINT ask the training loop to stop after the current step.
+    """While active, SIGTERM, SIGINT and SIGUSR2 ask the training loop to stop after the
+    current step.
 
     torchrun forwards the signal it receives to every worker, which may have had it already from
     the terminal (Ctrl-C) or the scheduler: a repeat within ``repeat_window`` seconds is that same
     request. A later repeat has the signal's usual effect, so a second Ctrl-C still aborts at once
     (``last.pt`` stays readable: checkpoints are written atomically).
+
+    Leaving the block with ``TrainingInterrupted`` (the stop was honoured, ``last.pt`` written)
+    hands the signal on to the Python handler it had before (submitit's requeue on SIGUSR2),
+    which may end the process.
     """
 
     def __init__(
@@ -80,10 +90,18 @@ class StopSignals:
                 self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
-    def __exit__(self, *exc_info) -> None:
-        for sig, handler in self._previous.items():
+    def __exit__(self, exc_type=None, exc=None, traceback=None) -> None:
+        previous = dict(self._previous)
+        for sig, handler in previous.items():
             signal.signal(sig, handler)
         self._previous.clear()
+        handler = previous.get(self.received)
+        if isinstance(exc, TrainingInterrupted) and _hands_on(handler):
+            self.log.info(
+                "handing %s on to the handler installed before training (%s)",
+                signal.Signals(self.received).name, getattr(handler, "__qualname__", handler),
+            )  # fmt: skip
+            handler(self.received, None)
 
     def _handle(self, signum: int, frame) -> None:
         if self.received is None:
@@ -97,8 +115,14 @@ class StopSignals:
             signal.raise_signal(signum)
 
 
+def _hands_on(handler: Any) -> bool:
+    """Whether ``handler`` is someone's Python handler, not Python's or the system's own (the
+    default actions, ignoring, Ctrl-C's KeyboardInterrupt)."""
+    return callable(handler) and handler is not signal.default_int_handler
+
+
 class _IgnoreStopSignals:
-    """DataLoader worker start-up: workers leave SIGTERM/SIGINT to the training process.
+    """DataLoader worker start-up: workers leave the stop signals to the training process.
 
     A scheduler signals every process of a job; a loader worker killed by it would make the next
     batch fail instead of letting the step finish and the checkpoint be written. Such workers

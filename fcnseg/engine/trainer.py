@@ -9,8 +9,9 @@ A run loses at most the step in progress:
 
 - ``last.pt`` is written atomically every ``checkpoint_interval`` steps and before and after
   each evaluation, so an evaluation that fails costs no steps;
-- SIGTERM or SIGINT (preemption, Ctrl-C) lets the current step finish, writes ``last.pt`` and
-  raises ``TrainingInterrupted``, whose message is the command that resumes the run;
+- SIGTERM, SIGINT or SIGUSR2 (preemption, Ctrl-C, a time limit) lets the current step finish,
+  writes ``last.pt`` and raises ``TrainingInterrupted``, whose message is the command that
+  resumes the run;
 - resuming restores weights, optimizer, schedule, gradient scaler, data position and every
   process's random generators, so an interrupted run ends where an uninterrupted one does;
 - a non-finite loss stops the run before the weights change (``nan_policy=stop``, keeping the
@@ -170,7 +171,7 @@ class Trainer:
         the loggers and releases the run directory.
 
         Raises:
-            TrainingInterrupted: SIGTERM/SIGINT arrived; ``last.pt`` holds the last complete step.
+            TrainingInterrupted: a stop signal arrived; ``last.pt`` holds the last complete step.
             NonFiniteLossError: the loss was not finite under ``nan_policy=stop``.
         """
         s = self.settings
