@@ -241,3 +241,21 @@ def test_an_mlflow_store_that_cannot_start_a_run_is_one_sentence(tmp_path):
     (tmp_path / "taken").write_text("a file, not a folder")
     with pytest.raises(UserError, match=r"logger\.mlflow\.tracking_uri=file:.*taken: MLflow could"):
         MLflowLogger(tmp_path / "run", tracking_uri=str(tmp_path / "taken"))
+
+
+def test_a_new_run_over_earlier_events_shows_only_its_own(tmp_path):
+    """A start that failed before its first checkpoint (restarted by torchrun as a new run) or
+    trainer.overwrite=true: TensorBoard shows the new run's curve alone, not both."""
+    run_dir = tmp_path / "run"
+    failed = TensorBoardLogger(run_dir)
+    for step in range(1, 6):
+        failed.log_scalars({"train/loss": 10.0 + step}, step)
+    failed.close()
+    new = TensorBoardLogger(run_dir)
+    for step in range(1, 4):
+        new.log_scalars({"train/loss": float(step)}, step)
+    new.close()
+    acc = EventAccumulator(str(run_dir / "tensorboard"))
+    acc.Reload()
+    assert [(e.step, e.value) for e in acc.Scalars("train/loss")] == [(1, 1.0), (2, 2.0), (3, 3.0)]
+    assert len(list((run_dir / "tensorboard").glob("events.out.tfevents.*"))) == 2  # kept

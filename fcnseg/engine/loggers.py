@@ -139,12 +139,19 @@ class TensorBoardLogger(ExperimentLogger):
     Args:
         run_dir: the run's folder.
         resume_from: the iteration a resumed run continues from: the events the interrupted
-            run wrote after it are dropped (``purge_step``).
+            run wrote after it are dropped (``purge_step``). A new run in a folder that holds
+            events (a start that failed before its first checkpoint and was restarted, or
+            ``trainer.overwrite=true``) drops them all, as the CSV starts over: the files stay,
+            TensorBoard no longer shows them.
     """
 
     def __init__(self, run_dir: str | Path, *, resume_from: int | None = None) -> None:
-        purge = resume_from + 1 if resume_from is not None else None
-        self.writer = SummaryWriter(Path(run_dir) / "tensorboard", purge_step=purge)
+        folder = Path(run_dir) / "tensorboard"
+        if resume_from is not None:
+            purge = resume_from + 1
+        else:
+            purge = 0 if any(folder.glob("events.out.tfevents.*")) else None
+        self.writer = SummaryWriter(folder, purge_step=purge)
 
     def log_scalars(self, values: Mapping[str, float], step: int) -> None:
         for tag, value in values.items():
