@@ -35,8 +35,9 @@ def main(cfg: DictConfig) -> None:
         make_dataset, make_transform = instantiate(ds.builder), instantiate(ds.transform)
         train_set = make_dataset(split=ds.train_split, transform=make_transform(train=True))
         with local_main_first():  # one download, one count of the labels per machine
+            loss = OmegaConf.to_container(cfg.loss, resolve=True)
             class_weights = resolve_class_weights(
-                OmegaConf.to_container(cfg.loss, resolve=True)["class_weights"],
+                loss["class_weights"], power=loss.get("class_weight_power", 1.0),
                 dataset=train_set, num_classes=ds.num_classes, ignore_index=ds.ignore_index,
                 identity={"root": ds.root, "split": ds.train_split,
                           "builder": OmegaConf.to_container(ds.builder, resolve=True)},

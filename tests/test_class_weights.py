@@ -141,6 +141,22 @@ def test_resolve_class_weights_accepts_the_three_forms(tmp_path):
     assert resolve_class_weights("median_frequency", **kwargs) == pytest.approx(WEIGHTS)
 
 
+def test_class_weight_power_raises_each_weight_to_it(tmp_path):
+    kwargs = dict(dataset=Masks(MASKS), num_classes=4, ignore_index=IGNORE, identity={},
+                  cache_dir=tmp_path)  # fmt: skip
+    roots = resolve_class_weights("median_frequency", power=0.5, **kwargs)
+    assert roots == pytest.approx([w**0.5 for w in WEIGHTS], rel=1e-12)
+    assert resolve_class_weights([4, 1, 0.25, 0], power=0.5, **kwargs) == [2.0, 1.0, 0.5, 0.0]
+    assert resolve_class_weights([4, 1, 0.25, 2], power=0, **kwargs) == [1.0, 1.0, 1.0, 1.0]
+    assert resolve_class_weights(None, power=0.5, **kwargs) is None
+    for power, message in [
+        (-1, r"loss\.class_weight_power=-1\.0 must lie in \[0, 4\]"),
+        ("x", r"loss\.class_weight_power='x' is not a number"),
+    ]:
+        with pytest.raises(UserError, match=message):
+            resolve_class_weights("median_frequency", power=power, **kwargs)
+
+
 @pytest.mark.parametrize(
     "spec,message",
     [
