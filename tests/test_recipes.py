@@ -39,7 +39,7 @@ PRESET_VALUES = {
     "voc_fcn8s_modern": ("sgd", "poly", 1e-3, 0.9, 5e-4, 30_000, 8, 480, 2000, 1000),
     "cityscapes_fcn8s": ("sgd", "poly", 1e-3, 0.9, 5e-4, 40_000, 8, [512, 1024], 4000, 1000),
     "segnet_camvid": ("sgd", "constant", 1e-3, 0.9, 5e-4, 40_000, 4, None, 2000, 1000),
-    "camvid_cpu": ("adamw", "poly", 1e-2, None, 1e-4, 2400, 8, 224, 2400, 500),
+    "camvid_cpu": ("adamw", "poly", 2.5e-3, None, 1e-4, 3600, 8, 224, 3600, 500),
 }
 
 
@@ -179,7 +179,10 @@ def test_presets_compose_as_before(preset, on_synthetic):
     assert (cfg.trainer.max_iters, cfg.trainer.batch_size) == (iters, batch)
     assert OmegaConf.to_container(cfg.dataset)["crop_size"] == crop
     assert (cfg.trainer.eval_interval, cfg.trainer.checkpoint_interval) == (every, save)
-    assert cfg.loss.class_weights == ("median_frequency" if preset == "segnet_camvid" else None)
+    weighted = {"segnet_camvid": ("median_frequency", 1.0), "camvid_cpu": ("median_frequency", 0.5)}
+    assert (cfg.loss.class_weights, cfg.loss.class_weight_power) == weighted.get(
+        preset, (None, 1.0)
+    )
 
 
 @pytest.mark.parametrize("preset", PRESETS)
