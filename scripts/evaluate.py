@@ -4,9 +4,6 @@ or an exported model run by onnxruntime: ``runtime=onnx model=FILE.onnx``.
 Exact under ``torchrun --nproc_per_node=N`` (each process scores a disjoint shard).
 """
 
-import json
-from pathlib import Path
-
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
@@ -22,7 +19,7 @@ from fcnseg.errors import UserError
 from fcnseg.metrics import format_table
 from fcnseg.utils.cli import user_errors
 from fcnseg.utils.distributed import cleanup, get_info
-from fcnseg.utils.export import check_evaluation_outputs
+from fcnseg.utils.export import check_evaluation_outputs, write_json
 from fcnseg.utils.logging import setup_logging
 
 
@@ -49,7 +46,11 @@ def main(cfg: DictConfig) -> None:
         dataset = instantiate(ds["builder"])(split=split, transform=transform)
         e = cfg.eval
         # Every output is checked before the evaluation, so that a refusal never follows a run.
-        check_evaluation_outputs(dataset, out=cfg.out, grid=e.grid, tensorboard=e.tensorboard)
+        check_evaluation_outputs(
+            dataset, out=cfg.out, grid=e.grid, tensorboard=e.tensorboard,
+            save_predictions=e.save_predictions, overwrite=e.overwrite,
+            read={"checkpoint": cfg.checkpoint, "model": cfg.model},
+        )  # fmt: skip
         writer = e.save_predictions and PredictionWriter(
             e.save_predictions, dataset=dataset, format=e.format, colors=ds.get("palette"),
             overwrite=e.overwrite,
@@ -76,8 +77,7 @@ def main(cfg: DictConfig) -> None:
             source = cfg.model if cfg.runtime == "onnx" else cfg.checkpoint
             print(f"{source} on {ds.get('name')} {split}:\n{format_table(metrics)}")
             if cfg.out:
-                Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
-                Path(cfg.out).write_text(json.dumps(metrics, indent=2))
+                write_json(metrics, cfg.out, key="out", overwrite=e.overwrite)
                 print(f"metrics written to {cfg.out}")
         cleanup()
 

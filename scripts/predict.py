@@ -1,9 +1,13 @@
 """Predict image files: ``python scripts/predict.py checkpoint=PATH input=FILE_OR_DIR output=DIR``
 (or ``runtime=onnx model=FILE.onnx`` for an exported model, run by onnxruntime).
 
-Writes ``NAME.png`` (palette label map, the input's width and height) and ``NAME_overlay.jpg``
-(the image blended with the class colours, with a legend) for every image.
+Writes ``NAME.png`` (palette label map, the photo's width and height as viewers show it) and
+``NAME_overlay.jpg`` (the image blended with the class colours, with a legend) for every image.
+An unreadable image is reported and skipped (``skip_unreadable=false``: it stops the run); the
+exit status is then 1.
 """
+
+import sys
 
 import hydra
 from omegaconf import DictConfig
@@ -17,6 +21,12 @@ from fcnseg.utils.cli import user_errors
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="predict")
 def main(cfg: DictConfig) -> None:
+    skipped = []
+
+    def skip(err: UserError) -> None:
+        print(f"skipped: {err}", file=sys.stderr, flush=True)
+        skipped.append(err)
+
     with user_errors("predict.py"):
         for key in ("input", "output"):
             if cfg[key] is None:
@@ -36,8 +46,12 @@ def main(cfg: DictConfig) -> None:
             device=cfg.trainer.device,
             alpha=cfg.alpha,
             overwrite=cfg.overwrite,
+            on_unreadable=skip if cfg.skip_unreadable else None,
         )
         print(f"{len(written)} image(s) predicted into {cfg.output}")
+    if skipped:
+        print(f"{len(skipped)} unreadable image(s) skipped (listed above)", file=sys.stderr)
+        sys.exit(1)  # after the others: a pipeline can stop on a run that missed images
 
 
 if __name__ == "__main__":

@@ -1,11 +1,14 @@
-"""scripts/predict.py and fcnseg.Predictor: a label PNG of the input's exact size and an overlay
-per image; the same labels from Python, for arrays, PIL images and paths."""
+"""scripts/predict.py and fcnseg.Predictor: a label PNG of the input's exact size (a photo's as
+viewers show it) and an overlay per image; the same labels from Python, for arrays, PIL images
+and paths; an unreadable image is reported and the others predicted."""
+
+import hashlib
 
 import numpy as np
 import pytest
 import torch
 from conftest import run_script
-from PIL import Image
+from PIL import Image, ImageOps
 from test_evaluate import make_checkpoint
 
 import fcnseg
@@ -196,3 +199,150 @@ def test_predictor_refuses_what_it_cannot_read(setup):
         predictor(np.zeros((8, 8, 3), np.float32))
     with pytest.raises(UserError, match="not an object of type int"):
         predictor(3)
+
+
+# ------------------------------------------------------------------ photos turned by their EXIF
+# Orientation 6: the viewer turns the stored pixels 90 degrees clockwise; 8: counter-clockwise.
+TURN = {6: -1, 8: 1}  # np.rot90's k
+
+
+def write_phone_photo(path, orientation):
+    """A JPEG stored 160 wide and 96 high, shown 96 wide and 160 high (as a phone stores a
+    portrait photo); returns its stored pixels, as decoded."""
+    rng = np.random.default_rng(orientation)
+    exif = Image.Exif()
+    exif[0x0112] = orientation  # Orientation
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(rng.integers(0, 256, (96, 160, 3), dtype=np.uint8)).save(
+        path, quality=95, exif=exif
+    )
+    stored = read_image(path)  # the datasets' reader: the pixels as stored
+    assert stored.shape == (96, 160, 3)
+    return stored
+
+
+def labels_of(model, config, rgb):
+    x, _ = build_transforms(train=False, normalize=config["dataset"]["normalize"])(
+        np.ascontiguousarray(rgb), np.zeros(rgb.shape[:2], np.uint8)
+    )
+    with torch.no_grad():
+        return model(x[None]).argmax(1)[0].numpy()
+
+
+@pytest.mark.parametrize("orientation", sorted(TURN))
+def test_predictor_sees_a_photo_as_viewers_show_it(setup, tmp_path, orientation):
+    root, model, config = setup
+    path = tmp_path / "phone.jpg"
+    stored = write_phone_photo(path, orientation)
+    shown = np.rot90(stored, k=TURN[orientation])
+    with Image.open(path) as viewed:  # what a viewer shows: 96 wide, 160 high
+        assert ImageOps.exif_transpose(viewed).size == (96, 160)
+    expected = labels_of(model, config, shown)
+    # The turned photo's labels are not the turned labels of the stored photo: the model saw it.
+    assert not np.array_equal(
+        expected, np.rot90(labels_of(model, config, stored), TURN[orientation])
+    )
+    predictor = fcnseg.Predictor(root / "model.pt", device="cpu")
+    labels = predictor(path)
+    assert labels.shape == (160, 96)
+    np.testing.assert_array_equal(labels, expected)
+    with Image.open(path) as picture:  # a PIL image opened from the file carries its EXIF
+        np.testing.assert_array_equal(predictor(picture), expected)
+    np.testing.assert_array_equal(predictor(stored), labels_of(model, config, stored))  # an array
+
+
+def test_predict_script_writes_photos_as_viewers_show_them(setup, tmp_path):
+    root, model, config = setup
+    shown = {}
+    for orientation in TURN:
+        stored = write_phone_photo(tmp_path / "in" / f"o{orientation}.jpg", orientation)
+        shown[orientation] = np.rot90(stored, k=TURN[orientation])
+    proc = run_script(
+        "predict.py", f"checkpoint={root / 'model.pt'}", f"input={tmp_path / 'in'}",
+        f"output={tmp_path / 'out'}", "trainer.device=cpu",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for orientation, rgb in shown.items():
+        with Image.open(tmp_path / "out" / f"o{orientation}.png") as labels:
+            assert labels.size == (96, 160)
+            np.testing.assert_array_equal(np.asarray(labels), labels_of(model, config, rgb))
+        with Image.open(tmp_path / "out" / f"o{orientation}_overlay.jpg") as picture:
+            assert picture.height >= 160 and picture.width > 96  # the legend is on the right
+            # Its photo part is the shown photo, blended (JPEG-coded) with the class colours.
+            part = np.asarray(picture.convert("RGB"))[:160, :96].astype(float).ravel()
+            assert np.corrcoef(part, rgb.astype(float).ravel())[0, 1] > 0.5
+            assert abs(np.corrcoef(part, np.rot90(rgb, 2).astype(float).ravel())[0, 1]) < 0.2
+
+
+# ---------------------------------------------------------------------- unreadable images
+def checksums(folder):
+    return {
+        p.relative_to(folder): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+@pytest.fixture
+def with_corrupt(tmp_path):
+    """Good images a.png and c/d.jpg, around b.png (not an image) and c/e.jpg (empty)."""
+    rng = np.random.default_rng(3)
+    folder = tmp_path / "in"
+    (folder / "c").mkdir(parents=True)
+    for name, (h, w) in {"a.png": (30, 41), "c/d.jpg": (37, 22)}.items():
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(folder / name)
+    (folder / "b.png").write_bytes(b"not an image, whatever its name says")
+    (folder / "c" / "e.jpg").write_bytes(b"")
+    return folder
+
+
+def test_predict_reports_unreadable_images_and_predicts_the_others(setup, with_corrupt, tmp_path):
+    root, model, config = setup
+    before = checksums(with_corrupt)
+    out = tmp_path / "out"
+    proc = run_script(
+        "predict.py", f"checkpoint={root / 'model.pt'}", f"input={with_corrupt}",
+        f"output={out}", "trainer.device=cpu",
+    )  # fmt: skip
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    skipped = [line for line in proc.stderr.splitlines() if line.startswith("skipped: ")]
+    assert skipped == [
+        f"skipped: image {with_corrupt / 'b.png'} cannot be decoded (not an image format Pillow "
+        "can read)",
+        f"skipped: image {with_corrupt / 'c' / 'e.jpg'} is empty (0 bytes)",
+    ]
+    assert "2 unreadable image(s) skipped" in proc.stderr
+    assert f"2 image(s) predicted into {out}" in proc.stdout
+    assert sorted(str(p) for p in checksums(out)) == [
+        "a.png", "a_overlay.jpg", "c/d.png", "c/d_overlay.jpg"
+    ]  # fmt: skip
+    for name in ("a.png", "c/d.jpg"):
+        with Image.open((out / name).with_suffix(".png")) as labels:
+            expected = labels_of(model, config, read_image(with_corrupt / name))
+            np.testing.assert_array_equal(np.asarray(labels), expected)
+    assert checksums(with_corrupt) == before
+
+
+def test_predict_stops_at_the_first_unreadable_image_when_told(setup, with_corrupt, tmp_path):
+    root = setup[0]
+    out = tmp_path / "out"
+    proc = run_script(
+        "predict.py", f"checkpoint={root / 'model.pt'}", f"input={with_corrupt}",
+        f"output={out}", "trainer.device=cpu", "skip_unreadable=false",
+    )  # fmt: skip
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert lines == [
+        f"predict.py: error: image {with_corrupt / 'b.png'} cannot be decoded (not an image "
+        "format Pillow can read); stopped there, after writing the label maps and overlays of "
+        f"the 1 image(s) before it into {out} (the last a.png); pass skip_unreadable=true to "
+        "skip such images"
+    ]
+    assert sorted(str(p) for p in checksums(out)) == ["a.png", "a_overlay.jpg"]
+    names = ["a"] * 5
+    with pytest.raises(UserError, match="; stopped there, before writing anything into"):
+        predict_images(
+            setup[1], with_corrupt / "b.png", tmp_path / "none", class_names=names, device="cpu"
+        )
+    assert not (tmp_path / "none").exists()

@@ -45,7 +45,7 @@ class PredictionWriter:
 
     The folder is checked when the writer is made, before any evaluation: it must lie outside
     the dataset's folders (``dataset.data_folders()``), and be empty or new unless
-    ``overwrite``.
+    ``overwrite``; and no two samples may get one file name.
 
     Args:
         out_dir: folder to write to.
@@ -78,6 +78,18 @@ class PredictionWriter:
             overwrite_key="eval.overwrite",
         )
         self.dataset, self.format, self.colors = dataset, format, colors
+        # Every name before the first prediction: two images of one file name in different
+        # folders would be saved over one another.
+        saved: dict[Path, int] = {}
+        for index in range(len(dataset)):
+            path = self.path(index)
+            if path in saved:
+                raise UserError(
+                    f"eval.save_predictions={out_dir} would receive the predictions of "
+                    f"{sample_path(dataset, saved[path])} and {sample_path(dataset, index)} under "
+                    f"one name, {path.name}, as predictions are named after the image file alone"
+                )
+            saved[path] = index
         self.out_dir.mkdir(parents=True, exist_ok=True)
 
     def path(self, index: int) -> Path:

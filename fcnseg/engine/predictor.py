@@ -3,7 +3,7 @@ probabilities) exactly as evaluation does; ``predict_images`` writes them for im
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -12,18 +12,20 @@ import torch
 from PIL import Image
 from torch import nn
 
-from fcnseg.data.io import read_image
+from fcnseg.data.io import CorruptFileError, read_image
 from fcnseg.data.transforms import build_transforms
 from fcnseg.engine.inference import Inference
 from fcnseg.engine.runtime import Runtime
 from fcnseg.errors import UserError
 from fcnseg.models.builder import ModelInfo, load_model
 from fcnseg.utils.export import check_output_dir, list_images, save_label_png
+from fcnseg.utils.image_files import as_shown, exif_orientation
 from fcnseg.utils.logging import progress
 from fcnseg.utils.visualize import Palette, overlay
 
 #: What ``Predictor`` takes as an image: an (H, W, 3) uint8 RGB array (or (H, W) grey, or
-#: (H, W, 4) whose alpha is dropped), a PIL image, or the path of an image file.
+#: (H, W, 4) whose alpha is dropped), a PIL image, or the path of an image file. Files and PIL
+#: images are turned as viewers show them (their EXIF orientation); arrays are taken as given.
 ImageInput = np.ndarray | Image.Image | str | Path
 
 
@@ -113,15 +115,17 @@ class Predictor:
 
 
 def as_rgb(image: ImageInput) -> np.ndarray:
-    """``image`` as an (H, W, 3) uint8 RGB array, read the way the datasets read files.
+    """``image`` as an (H, W, 3) uint8 RGB array; a file or a PIL image as viewers show it
+    (``read_photo``), an array as it is.
 
     Raises:
+        CorruptFileError: a file that is missing or cannot be decoded.
         UserError: an array that is not uint8 (H, W), (H, W, 3) or (H, W, 4), or another type.
     """
     if isinstance(image, str | Path):
-        return read_image(image)
+        return read_photo(image)
     if isinstance(image, Image.Image):
-        return np.asarray(image.convert("RGB"))
+        return as_shown(np.asarray(image.convert("RGB")), exif_orientation(image))
     if isinstance(image, np.ndarray):
         if image.dtype == np.uint8 and image.ndim == 2:
             return np.repeat(image[..., None], 3, axis=2)
@@ -135,6 +139,22 @@ def as_rgb(image: ImageInput) -> np.ndarray:
         "an image is an RGB uint8 array, a PIL image or a file path, not an object of type "
         f"{type(image).__name__}"
     )
+
+
+def read_photo(path: str | Path) -> np.ndarray:
+    """The image file at ``path`` as (H, W, 3) uint8 RGB, turned as viewers show it: a phone
+    stores a portrait photo as a landscape sensor image with an EXIF orientation tag, which
+    this applies as ``PIL.ImageOps.exif_transpose`` does.
+
+    The datasets read their files as stored (``fcnseg.data.io.read_image``), because their label
+    maps carry no orientation and line up with the stored pixels; a photo to predict has no
+    label map to stay aligned with, and its label map should line up with the photo its owner
+    sees.
+
+    Raises:
+        CorruptFileError: the file is missing, empty, truncated or not an image.
+    """
+    return as_shown(read_image(path), exif_orientation(path))
 
 
 def load_model_file(path: str | Path) -> nn.Module:
@@ -177,13 +197,15 @@ def predict_images(
     colors: Palette | None = None,
     alpha: float = 0.5,
     overwrite: bool = False,
+    on_unreadable: Callable[[CorruptFileError], None] | None = None,
 ) -> list[Path]:
     """Predicts every image of ``source`` (a file, or a folder searched recursively).
 
     For ``a/b.jpg`` below ``source`` it writes ``output_dir/a/b.png``, a palette PNG of class
     indices of the image's exact width and height, and ``output_dir/a/b_overlay.jpg``, the
     image blended with the class colours plus a legend of the classes present. The labels are
-    ``Predictor``'s.
+    ``Predictor``'s, for the image as viewers show it (``read_photo``). The images are taken in
+    ``list_images`` order.
 
     Args:
         model: the network (put in eval mode); a checkpoint's or an exported file's carries
@@ -198,6 +220,9 @@ def predict_images(
         alpha: weight of the class colours in the overlay.
         overwrite: write into an ``output_dir`` that already holds files (see
             ``check_prediction_paths`` for the folders refused whatever this says).
+        on_unreadable: called with the error (which names the file and why) of each image
+            that cannot be read, which is then skipped; ``None``: the first such image stops
+            the run with a ``UserError`` that says which outputs were written before it.
 
     Returns:
         The label maps written, in input order.
@@ -226,12 +251,31 @@ def predict_images(
                 f"{targets[label_path]} and {path} would both be predicted into {label_path}"
             )
         targets[label_path] = path
+    written: list[Path] = []
     for label_path, path in progress(list(targets.items()), desc="predict", unit="image"):
-        image = read_image(path)
+        try:
+            image = read_photo(path)
+        except CorruptFileError as err:
+            if on_unreadable is None:
+                raise UserError(f"{err}; {_stopped(written, out)}") from None
+            on_unreadable(err)
+            continue
         labels = predictor(image)
         save_label_png(labels, label_path, colors=colors)
         picture = overlay(image, labels, class_names=info.class_names, colors=colors, alpha=alpha)
         Image.fromarray(picture).save(
             label_path.with_name(label_path.stem + "_overlay.jpg"), quality=90
         )
-    return list(targets)
+        written.append(label_path)
+    return written
+
+
+def _stopped(written: Sequence[Path], out: Path) -> str:
+    """What a run stopped by an unreadable image leaves: the outputs written before it."""
+    done = (
+        f"after writing the label maps and overlays of the {len(written)} image(s) before it "
+        f"into {out} (the last {written[-1].relative_to(out)})"
+        if written
+        else f"before writing anything into {out}"
+    )
+    return f"stopped there, {done}; pass skip_unreadable=true to skip such images"

@@ -8,7 +8,13 @@ needs the dataset's tables.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import functools
+import io
+import json
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -134,20 +140,198 @@ def check_output_file(
     return out
 
 
+def _same_file(a: Path, b: Path) -> bool:
+    """Whether ``a`` and ``b`` name one file: the same path once links are resolved, or the same
+    inode (a hard link, a bind mount)."""
+    if a.resolve() == b.resolve():
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist
+        return False
+
+
+def refuse_read_files(
+    path: str | Path, read: Mapping[str, str | Path | None], *, key: str, folder: bool = False
+) -> None:
+    """Raises a ``UserError`` when the output ``path`` is one of the files a command reads
+    (``read``: option -> file, e.g. ``{"checkpoint": "best.pt"}``), or, for an output
+    ``folder``, contains one: a checkpoint or exported model is never written over."""
+    out = Path(path).expanduser()
+    for name, file in read.items():
+        if not file:
+            continue
+        given = Path(file).expanduser()
+        if _same_file(out, given):
+            raise UserError(
+                f"{key}={path} is the file given as {name}=, which is read, never written; "
+                "choose another file"
+            )
+        if folder and out.resolve() in given.resolve().parents:
+            raise UserError(
+                f"{key}={path} contains the file given as {name}= ({file}), which is read, "
+                "never written; choose a folder without it"
+            )
+
+
+@functools.cache
+def _writes_rgb(suffix: str) -> bool:
+    """Whether Pillow writes an RGB picture to a file named ``*<suffix>`` (tried in memory)."""
+    Image.init()
+    fmt = Image.registered_extensions().get(suffix.lower())
+    if fmt is None or fmt not in Image.SAVE:
+        return False
+    try:
+        Image.new("RGB", (2, 2)).save(io.BytesIO(), format=fmt)
+    except Exception:  # plugins refuse a mode or miss a codec with assorted types
+        return False
+    return True
+
+
 def check_evaluation_outputs(
     dataset: Any,
     *,
     out: str | Path | None = None,
     grid: str | Path | None = None,
     tensorboard: str | Path | None = None,
+    save_predictions: str | Path | None = None,
+    overwrite: bool = False,
+    read: Mapping[str, str | Path | None] | None = None,
 ) -> None:
-    """Checks an evaluation's output files before it runs: the metrics file ``out`` and the
-    picture ``grid`` are not folders, and none of the three lies among the dataset's files
-    (``dataset.data_folders()``). ``fcnseg.data.predictions.PredictionWriter`` checks its own
-    folder."""
+    """Checks an evaluation's outputs before it runs, so that a refusal never follows a run
+    and no file is written over.
+
+    Every output refuses, whatever ``overwrite`` says, to be (or, for a folder, to contain) a
+    file of ``read`` (the checkpoint or model evaluated) and to be, lie inside or contain a
+    folder of the dataset (``dataset.data_folders()``). The metrics file ``out`` must be named
+    ``*.json``, the picture ``grid`` must be a file Pillow writes (``.png``, ``.jpg``...), both
+    must be new unless ``overwrite``; the folders ``tensorboard`` and ``save_predictions`` must
+    be new or empty unless ``overwrite``. No two outputs may share a path, and none may lie
+    inside ``save_predictions``, whose file names are the dataset's.
+
+    Args:
+        dataset: the evaluated dataset.
+        out: the metrics JSON (``out=``).
+        grid: the picture of the first predictions (``eval.grid=``).
+        tensorboard: the TensorBoard folder (``eval.tensorboard=``).
+        save_predictions: the folder of label maps (``eval.save_predictions=``).
+        overwrite: ``eval.overwrite``: replace an existing ``out`` or ``grid``, write into
+            non-empty folders.
+        read: option -> file of what the evaluation reads, e.g.
+            ``{"checkpoint": ..., "model": ...}``.
+    """
     folders = dataset.data_folders() if callable(getattr(dataset, "data_folders", None)) else []
-    for key, path in (("out", out), ("eval.grid", grid)):
-        if path:
-            check_output_file(path, key=key, protected=folders)
-    if tensorboard:
-        refuse_overlap(tensorboard, folders, key="eval.tensorboard", what="the dataset folder")
+    read = read or {}
+    outputs = {
+        key: str(path)  # a value such as out=123 comes from the command line as a number
+        for key, path in (
+            ("out", out),
+            ("eval.grid", grid),
+            ("eval.tensorboard", tensorboard),
+            ("eval.save_predictions", save_predictions),
+        )
+        if path
+    }
+    for key, path in outputs.items():
+        is_folder = key in ("eval.tensorboard", "eval.save_predictions")
+        refuse_read_files(path, read, key=key, folder=is_folder)
+        if key == "eval.tensorboard":
+            # TensorBoard adds an events file of a new name: it replaces nothing, but a folder
+            # of earlier events would show both evaluations as one.
+            target = check_output_dir(path, key=key, protected=folders, overwrite=True)
+            if not overwrite and target.is_dir() and any(target.iterdir()):
+                raise UserError(
+                    f"{key}={path} is not empty; choose an empty or new folder, or pass "
+                    "eval.overwrite=true to add this evaluation's events to it"
+                )
+            continue
+        if is_folder:
+            check_output_dir(
+                path, key=key, protected=folders, overwrite=overwrite,
+                overwrite_key="eval.overwrite",
+            )  # fmt: skip
+            continue
+        target = check_output_file(path, key=key, protected=folders)
+        parent = target.parent
+        while not parent.exists() and parent != parent.parent:
+            parent = parent.parent
+        if not parent.is_dir():
+            raise UserError(f"{key}={path} cannot be created: {parent} is a file, not a folder")
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise UserError(f"{key}={path} cannot be created: the folder {parent} is read-only")
+        if key == "out" and target.suffix.lower() != ".json":
+            raise UserError(f"out={path} is not a .json file name; the metrics are written as JSON")
+        if key == "eval.grid" and not _writes_rgb(target.suffix):
+            raise UserError(
+                f"eval.grid={path} is not a picture file name Pillow writes "
+                f"({target.suffix or 'no extension'}); name a .png or .jpg file"
+            )
+        if (target.exists() or target.is_symlink()) and not overwrite:
+            raise UserError(f"{key}={path} exists; pass eval.overwrite=true to replace it")
+    resolved = {key: Path(path).expanduser().resolve() for key, path in outputs.items()}
+    for key, path in resolved.items():
+        for other, other_path in resolved.items():
+            if other == key:
+                continue
+            if path == other_path:
+                raise UserError(f"{key}={outputs[key]} is also {other}=; give each its own path")
+            if other == "eval.save_predictions" and other_path in path.parents:
+                raise UserError(
+                    f"{key}={outputs[key]} is inside eval.save_predictions={outputs[other]}, "
+                    "whose files are named after the dataset's images; choose a path outside it"
+                )
+
+
+def write_json(data: Any, path: str | Path, *, key: str = "out", overwrite: bool = False) -> Path:
+    """Writes ``data`` as indented JSON to ``path`` atomically, never over a file unless
+    ``overwrite``.
+
+    The text goes to a temporary file in the same folder, which then takes the name: a killed
+    process leaves the previous file or none, never half a file. Without ``overwrite`` the name
+    is taken by a hard link, which fails where a file of that name appeared in the meantime
+    (another program's), and the file is kept.
+
+    Raises:
+        UserError: ``path`` exists (without ``overwrite``), or it could not be written; the
+            message names ``key``.
+    """
+    path = Path(path).expanduser()
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        with os.fdopen(fd, "w") as f:
+            # mkstemp makes the file private (0600); give it the mode any new file would get.
+            umask = os.umask(0)
+            os.umask(umask)
+            os.fchmod(f.fileno(), 0o666 & ~umask)
+            json.dump(data, f, indent=2)
+            f.flush()
+            os.fsync(f.fileno())
+        if overwrite:
+            os.replace(tmp, path)
+            tmp = None
+        else:
+            _link_new(tmp, path, key=key)
+    except OSError as err:
+        raise UserError(f"{key}={path} could not be written: {err.strerror or err}") from None
+    finally:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+    return path
+
+
+def _link_new(tmp: str, path: Path, *, key: str) -> None:
+    """Gives the file ``tmp`` the name ``path`` unless a file has that name."""
+    try:
+        os.link(tmp, path)  # unlike a rename, a link never replaces a file
+    except FileExistsError:
+        pass
+    except OSError:  # a file system without hard links: check, then rename
+        if not (path.exists() or path.is_symlink()):
+            os.replace(tmp, path)
+            return
+    else:
+        return
+    raise UserError(f"{key}={path} appeared while this ran; it is kept and nothing was written")
