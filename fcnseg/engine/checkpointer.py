@@ -17,7 +17,7 @@ from fcnseg.utils.distributed import all_gather_object, max_restarts, on_main, r
 # best.pt is for evaluation, prediction and staged training (model.init_from): the weights and
 # what they were trained with. The optimizer state (as large again as the weights with SGD
 # momentum, twice with Adam) stays in last.pt, from which a run continues.
-BEST_KEYS = ("model", "config", "iteration", "best_miou")
+BEST_KEYS = ("model", "model_description", "config", "iteration", "best_miou")
 
 
 def write_checkpoint(state: dict[str, Any], path: Path) -> Path:
@@ -35,7 +35,7 @@ def write_checkpoint(state: dict[str, Any], path: Path) -> Path:
         )
     state = {**state, "rng": all_gather_object(rng_state())}
     if path.name == "best.pt":
-        state = {key: state[key] for key in BEST_KEYS}
+        state = {key: state[key] for key in BEST_KEYS if key in state}
     on_main(lambda: save_checkpoint(state, path))
     return path
 

@@ -1,5 +1,10 @@
 """``build_model`` and ``load_model``: the public ways to get a model, and ``ModelInfo``: what a
-trained model expects and produces."""
+trained model expects and produces.
+
+``load_trained`` is the one reader of checkpoints: the network is rebuilt from the file's
+``ModelDescription`` (registered names and plain values, ``fcnseg.models.description``), never
+from a name it imports or calls.
+"""
 
 from __future__ import annotations
 
@@ -15,7 +20,7 @@ from typing import Any
 from torch import nn
 
 from fcnseg.errors import UserError
-from fcnseg.models import backbones, heads
+from fcnseg.models.description import BACKBONES, HEADS, ModelDescription
 from fcnseg.models.segmentation import SegmentationModel
 from fcnseg.utils.checkpoint import error_summary, load_checkpoint
 from fcnseg.utils.normalization import Normalization, get_normalization
@@ -49,16 +54,69 @@ def build_model(
         head_options: extra keyword arguments for a head given by name.
     """
     if isinstance(head, str):
-        head = _lookup(heads, head, "head")
+        head_name, head_options = head, dict(head_options or {})
+        head = _lookup(HEADS, head, "head")
+    else:
+        head_name, head_options = _registered(head, HEADS), _keywords(head)
     if isinstance(backbone, str):
-        backbone = functools.partial(
-            _lookup(backbones, backbone, "backbone"),
-            **{"pretrained": pretrained, **dict(backbone_options or {})},
-        )
+        backbone_name, backbone_kwargs = backbone, dict(backbone_options or {})
+        build = _lookup(BACKBONES, backbone, "backbone")
+        backbone = functools.partial(build, **{"pretrained": pretrained, **backbone_kwargs})
+    elif isinstance(backbone, nn.Module):
+        backbone_name, backbone_kwargs = None, {}
+    else:
+        backbone_name, backbone_kwargs = _registered(backbone, BACKBONES), _keywords(backbone)
     if not isinstance(backbone, nn.Module):
         backbone = _backbone_for_head(head, backbone)
     head_module = head(backbone.feature_info, num_classes, **dict(head_options or {}))
-    return SegmentationModel(backbone, head_module)
+    model = SegmentationModel(backbone, head_module)
+    if backbone_name is not None and head_name is not None:
+        # What ``describe`` writes into checkpoints: the builders by name, their options.
+        model.architecture = {
+            "backbone": backbone_name,
+            "backbone_options": backbone_kwargs,
+            "head": head_name,
+            "head_options": head_options,
+        }
+    return model
+
+
+def describe(
+    model: nn.Module,
+    *,
+    class_names: Sequence[str],
+    palette: Any = None,
+    ignore_index: int = 255,
+    normalize: str = "imagenet",
+) -> ModelDescription | None:
+    """The ``ModelDescription`` of a model ``build_model`` built from registered builders (by
+    name or as their partials); ``None`` for any other network (it can be saved, not rebuilt)."""
+    arch = getattr(model, "architecture", None)
+    if arch is None:
+        return None
+    return ModelDescription.create(
+        **arch,
+        class_names=class_names,
+        palette=palette,
+        ignore_index=ignore_index,
+        normalize=normalize,
+        source="the model",
+    )
+
+
+def _registered(fn: Callable, registry: Mapping[str, Callable]) -> str | None:
+    """The registered name of ``fn`` (or of the function inside its partials), else ``None``."""
+    inner = _unwrap(fn)
+    return next((name for name, f in registry.items() if f is inner), None)
+
+
+def _keywords(fn: Callable) -> dict[str, Any]:
+    """The keyword arguments that (nested) partials bind, outermost last."""
+    chain = []
+    while isinstance(fn, functools.partial):
+        chain.append(fn.keywords)
+        fn = fn.func
+    return {k: v for keywords in reversed(chain) for k, v in keywords.items()}
 
 
 def _backbone_for_head(
@@ -103,32 +161,11 @@ def _backbone_for_head(
 def build_model_from_config(config: Mapping[str, Any]) -> SegmentationModel:
     """Rebuilds the model a run was configured with (no pretrained download: weights follow).
 
-    Only names inside ``fcnseg.models`` are resolved, so a checkpoint's config cannot make
-    this import or call anything else.
+    The config's ``backbone`` and ``head`` are read as a version 0 ``ModelDescription``: only
+    fcnseg's registered builders, by name, with plain options; nothing else is imported or
+    called.
     """
-
-    def split(node: Mapping[str, Any], kind: str) -> tuple[str, dict[str, Any]]:
-        target = str(node.get("_target_", ""))
-        prefix = f"fcnseg.models.{kind}s."
-        if not target.startswith(prefix):
-            raise UserError(f"the checkpoint's {kind}._target_={target!r} is not in {prefix}*")
-        options = {k: v for k, v in node.items() if not k.startswith("_")}
-        return target.rsplit(".", 1)[1], options
-
-    try:
-        backbone_name, backbone_options = split(config["backbone"], "backbone")
-        head_name, head_options = split(config["head"], "head")
-        num_classes = int(config["dataset"]["num_classes"])
-    except (KeyError, TypeError) as err:
-        raise UserError(f"the checkpoint's config lacks the model description ({err})") from err
-    backbone_options.update(pretrained=False, weights=None)
-    return build_model(
-        backbone=backbone_name,
-        head=head_name,
-        num_classes=num_classes,
-        backbone_options=backbone_options,
-        head_options=head_options,
-    )
+    return ModelDescription.from_config(config, source="the checkpoint's config").build()
 
 
 @dataclass(frozen=True)
@@ -193,16 +230,17 @@ class ModelInfo:
         )
 
     @classmethod
-    def from_checkpoint(cls, ckpt: Mapping[str, Any]) -> ModelInfo:
-        """The info of a training checkpoint (its ``config["dataset"]``, iteration, best mIoU)."""
-        ds = ckpt["config"]["dataset"]
+    def from_description(
+        cls, description: ModelDescription, *, iteration: int = 0, miou: float | None = None
+    ) -> ModelInfo:
+        """The info of a ``ModelDescription`` and the training state of its weights."""
         return cls.create(
-            class_names=ds["class_names"],
-            palette=ds.get("palette"),
-            ignore_index=ds.get("ignore_index", 255),
-            normalize=ds.get("normalize", "imagenet"),
-            iteration=ckpt.get("iteration", 0),
-            miou=ckpt.get("best_miou"),
+            class_names=description.class_names,
+            palette=description.palette,
+            ignore_index=description.ignore_index,
+            normalize=description.normalize,
+            iteration=iteration,
+            miou=miou,
         )
 
 
@@ -226,27 +264,28 @@ def load_trained(
         UserError: the file is not a readable checkpoint, or not one that training wrote.
     """
     ckpt = load_checkpoint(checkpoint_path, map_location=map_location)
-    config = ckpt.get("config")
-    if not isinstance(config, dict) or "dataset" not in config:
+    if not isinstance(ckpt, dict) or "model" not in ckpt:
         raise UserError(
-            f"checkpoint {checkpoint_path} has no 'config' entry with the training "
-            "configuration; it is not an fcnseg training checkpoint"
+            f"{checkpoint_path} holds no model weights ('model' entry); it is not an fcnseg "
+            "checkpoint"
         )
-    model = build_model_from_config(config)
+    description = ModelDescription.from_checkpoint(ckpt, source=str(checkpoint_path))
+    if not isinstance(ckpt.get("config", {}), dict):
+        raise UserError(f"{checkpoint_path}: its 'config' entry is not a mapping")
+    model = description.build()
     try:
         model.load_state_dict(ckpt["model"])
-    except RuntimeError as err:
+    except (RuntimeError, TypeError, AttributeError) as err:
         raise UserError(
-            f"checkpoint {checkpoint_path}'s weights do not fit the model its config describes "
+            f"checkpoint {checkpoint_path}'s weights do not fit the model it describes "
             f"({error_summary(err)})"
         ) from err
+    iteration, miou = ckpt.get("iteration", 0), ckpt.get("best_miou")
     try:
-        model.info = ModelInfo.from_checkpoint(ckpt)
-    except (KeyError, TypeError) as err:
-        raise UserError(
-            f"checkpoint {checkpoint_path}'s dataset config lacks {err} (class names, "
-            "normalisation)"
-        ) from err
+        model.info = ModelInfo.from_description(description, iteration=iteration, miou=miou)
+    except (TypeError, ValueError) as err:
+        raise UserError(f"checkpoint {checkpoint_path}: iteration or best_miou unreadable") from err
+    model.description = description
     return model.eval(), ckpt
 
 
@@ -267,9 +306,8 @@ def _yaml(value: Any) -> str:
     return str(value).lower() if isinstance(value, bool) else str(value)
 
 
-def _lookup(namespace, name: str, kind: str):
-    fn = getattr(namespace, name, None)
-    if fn is None or name.startswith("_") or not callable(fn):
-        known = ", ".join(n for n in namespace.__all__ if n[0].islower())
-        raise UserError(f"unknown {kind} {name!r}; known: {known}")
+def _lookup(registry: Mapping[str, Callable], name: str, kind: str) -> Callable:
+    fn = registry.get(name)
+    if fn is None:
+        raise UserError(f"unknown {kind} {name!r}; known: {', '.join(registry)}")
     return fn

@@ -123,7 +123,7 @@ def import_checkpoint(path: str | Path, *, config: dict[str, Any]) -> dict[str, 
     convention, and its ``backbone.pretrained`` to false. The number of classes must match the
     weights' ``score_fr``.
     """
-    from fcnseg.models.builder import build_model_from_config
+    from fcnseg.models.description import KEY, ModelDescription
 
     state_dict, arch = read_state_dict(path)
     head = str(config["head"]["_target_"]).rsplit(".", 1)[-1]
@@ -143,7 +143,8 @@ def import_checkpoint(path: str | Path, *, config: dict[str, Any]) -> dict[str, 
     # the same weights misaligned; unset keys already default to the reference values.
     geometry = {k: v for k, v in REFERENCE_GEOMETRY.items() if k in config["backbone"]}
     config["backbone"] = {**config["backbone"], "pretrained": False, "weights": None, **geometry}
-    model = build_model_from_config(config)
+    description = ModelDescription.from_config(config, source=f"input={path}")
+    model = description.build()
     try:
         model.load_state_dict(renamed, strict=True)
     except RuntimeError as err:
@@ -153,6 +154,7 @@ def import_checkpoint(path: str | Path, *, config: dict[str, Any]) -> dict[str, 
         ) from err
     return {
         "model": model.state_dict(),
+        KEY: description.to_dict(),
         "config": config,
         "iteration": 0,
         "source": {"format": "torchfcn", "path": str(path), "head": head},
