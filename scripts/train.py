@@ -85,11 +85,31 @@ def save_hydra_config(cfg: DictConfig, folder: Path) -> None:
 
 
 def resume_command() -> str:
-    """The command that continues this run in its own directory."""
+    """The command that continues this run in its own directory: the user's, with the run's
+    overrides.
+
+    A job of a multirun (``-m``: a sweep, ``hydra/launcher=slurm`` or ``submitit_local``) is
+    continued by the multirun again, this job alone in its folder of the sweep: the same launcher
+    submits it (a SLURM job again), with the same resources.
+    """
     hydra_cfg = HydraConfig.get()
-    args = [o for o in hydra_cfg.overrides.task if not o.lstrip("+~").startswith("trainer.resume=")]
-    here = f"hydra.run.dir={hydra_cfg.runtime.output_dir}"
-    return launch_command([*args, here, "trainer.resume=true"])
+
+    def without(overrides, *keys: str) -> list[str]:
+        return [o for o in overrides if o.lstrip("+~").split("=", 1)[0] not in keys]
+
+    args = without(hydra_cfg.overrides.task, "trainer.resume")
+    if hydra_cfg.mode.name == "MULTIRUN":
+        here = ("hydra.mode", "hydra.sweep.dir", "hydra.sweep.subdir", "hydra.run.dir")
+        args = ["-m", *without(hydra_cfg.overrides.hydra, *here), *args]
+        args += [
+            f"hydra.sweep.dir={Path(hydra_cfg.sweep.dir).absolute()}",
+            f"hydra.sweep.subdir={hydra_cfg.sweep.subdir}",
+        ]
+    else:
+        args.append(f"hydra.run.dir={hydra_cfg.runtime.output_dir}")
+    # submitit's script starts a launcher's tasks: the program is this file or its command.
+    program = __file__ if __name__ == "__main__" else "fcnseg-train"
+    return launch_command([*args, "trainer.resume=true"], program=program)
 
 
 if __name__ == "__main__":

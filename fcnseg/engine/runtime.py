@@ -21,9 +21,11 @@ from torch import nn
 from fcnseg.errors import UserError
 from fcnseg.utils.distributed import (
     DistInfo,
+    all_gather_object,
     export_scheduler_env,
     init_distributed,
     resolve_device,
+    task_threads,
 )
 from fcnseg.utils.logging import get_logger
 
@@ -147,6 +149,8 @@ class Runtime:
         channels_last: NHWC memory layout for the model and its inputs, which tensor-core
             convolutions (fp16/bf16 on recent GPUs) run without transposing.
         compile: ``torch.compile`` the training forward: false, true or a compile mode.
+        threads: each process's intra-op CPU threads, in rank order (``setup`` fills it).
+        threads_note: where their number comes from (``task_threads``).
     """
 
     device: torch.device
@@ -155,6 +159,8 @@ class Runtime:
     channels_last: bool = False
     compile: bool | str = False
     amp_note: str = ""
+    threads: tuple[int, ...] = ()
+    threads_note: str = ""
 
     @classmethod
     def setup(
@@ -165,15 +171,19 @@ class Runtime:
         channels_last: bool = False,
         compile: bool | str = False,
         distributed: bool = True,
+        num_workers: int = 0,
     ) -> Runtime:
         """Resolves ``device`` and joins the process group torchrun describes, or that a job
         scheduler's tasks form (``export_scheduler_env``), if any.
+
+        A job scheduler's task runs as many CPU threads as its CPUs allow (``task_threads``).
 
         Args:
             device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N`` (``resolve_device``): a process
                 that sees one GPU takes it, one that sees several takes GPU ``LOCAL_RANK``.
             amp, channels_last, compile: see the class.
             distributed: join torchrun's group; false for a tool that measures one process.
+            num_workers: the process's loader workers, whose CPUs its threads leave free.
         """
         if compile not in (False, True, None) and compile not in COMPILE_MODES:
             raise UserError(
@@ -181,17 +191,42 @@ class Runtime:
             )
         if distributed:
             export_scheduler_env()  # SLURM's tasks (hydra/launcher=slurm) as torchrun's workers
+        threads, threads_note = task_threads(num_workers=num_workers)
+        if threads is not None:
+            torch.set_num_threads(threads)
         dev = resolve_device(device, int(os.environ.get("LOCAL_RANK", "0")))
         chosen, note = choose_precision(amp, dev)
         dist = init_distributed(dev) if distributed else DistInfo()
         compile = False if compile is None else compile
-        return cls(dev, dist, chosen, channels_last, compile, amp_note=note)
+        own = torch.get_num_threads()  # every process's, for rank 0's start-up block
+        return cls(
+            dev, dist, chosen, channels_last, compile, amp_note=note,
+            threads=tuple(all_gather_object(own)) if dist.enabled else (own,),
+            threads_note=threads_note,
+        )  # fmt: skip
 
     @classmethod
     def from_settings(cls, settings) -> Runtime:
-        """``setup`` with a run's ``TrainSettings`` (device, amp, channels_last, compile)."""
+        """``setup`` with a run's ``TrainSettings`` (device, amp, channels_last, compile, and
+        num_workers for the thread count)."""
         s = settings
-        return cls.setup(s.device, amp=s.amp, channels_last=s.channels_last, compile=s.compile)
+        return cls.setup(
+            s.device, amp=s.amp, channels_last=s.channels_last, compile=s.compile,
+            num_workers=s.num_workers,
+        )  # fmt: skip
+
+    @property
+    def threads_summary(self) -> str:
+        """The processes' CPU threads and why, for the start-up block: ``1 per process
+        (SLURM_CPUS_PER_TASK=2 less 1 loader worker(s))``."""
+        threads = self.threads or (torch.get_num_threads(),)
+        if len(threads) == 1:
+            count = f"{threads[0]}"
+        elif len(set(threads)) == 1:
+            count = f"{threads[0]} per process"
+        else:
+            count = f"{', '.join(map(str, threads))} for processes 0 to {len(threads) - 1}"
+        return f"{count} ({self.threads_note})" if self.threads_note else count
 
     @property
     def amp_dtype(self) -> torch.dtype | None:

@@ -56,6 +56,7 @@ def run_summary(
         f"{f' ({runtime.amp_note})' if runtime.amp_note else ''}, "
         f"channels_last {runtime.channels_last}, compile {runtime.compile}",
         f"run directory: {run_dir}",
+        f"cpu threads: {runtime.threads_summary}",
     ]
 
 

@@ -7,7 +7,11 @@ Everything is a no-op in a single process, so the same code runs with and withou
 
 A group that torchrun restarts (``--max-restarts``) forms again in keys of its own: see
 ``attempt_store``. Processes that a job scheduler starts as its own tasks (``hydra/launcher=slurm``,
-through submitit) describe themselves the same way: see ``export_scheduler_env``.
+through submitit) describe themselves the same way: see ``export_scheduler_env``; each runs as
+many threads as the CPUs its task was given: see ``task_threads``.
+
+Run as a program, ``python -m fcnseg.utils.distributed`` is torchrun that ends quietly on a stop
+signal (``torchrun``).
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import shlex
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -121,6 +125,51 @@ def export_scheduler_env() -> bool:
     os.environ.setdefault("MASTER_ADDR", job.hostnames[0])
     os.environ.setdefault("MASTER_PORT", str(random.Random(job.job_id).randint(20000, 59999)))
     return True
+
+
+def task_threads(
+    *, num_workers: int = 0, env: Mapping[str, str] | None = None, cores: int | None = None
+) -> tuple[int | None, str]:
+    """The intra-op threads that fit this process's share of the CPUs, and where that comes from.
+
+    A job scheduler's task is given CPUs of its own (``--cpus-per-task``: ``SLURM_CPUS_PER_TASK``)
+    but torch starts as many threads as the machine has cores, so the tasks of one machine
+    oversubscribe it. Under SLURM or submitit (``hydra/launcher=slurm``, ``submitit_local``, the
+    ``srun`` form) this is the task's CPUs, or without ``SLURM_CPUS_PER_TASK`` the cores this
+    process may run on shared by the machine's tasks, less one per loader worker (each loads with
+    one thread), at least 1: torchrun's reason for ``OMP_NUM_THREADS=1``, without wasting the CPUs
+    a task was given. ``None`` leaves torch's count: ``OMP_NUM_THREADS`` set (the user's choice,
+    or torchrun's for several workers), or no scheduler.
+
+    Args:
+        num_workers: the process's loader workers (``trainer.num_workers``).
+        env: the environment (default ``os.environ``).
+        cores: the cores this process may run on (default: its CPU affinity).
+
+    Returns:
+        (threads or ``None``, the reason for the start-up block, e.g. ``SLURM_CPUS_PER_TASK=8
+        less 4 loader worker(s)``).
+    """
+    env = os.environ if env is None else env
+    if env.get("OMP_NUM_THREADS"):
+        return None, f"OMP_NUM_THREADS={env['OMP_NUM_THREADS']}"
+    if env.get("SLURM_CPUS_PER_TASK"):
+        cpus = int(env["SLURM_CPUS_PER_TASK"])
+        reason = f"SLURM_CPUS_PER_TASK={cpus}"
+    elif "SUBMITIT_EXECUTOR" in env or "SLURM_PROCID" in env:
+        cores = cores or _affinity()
+        tasks = int(env.get("LOCAL_WORLD_SIZE") or env.get("SLURM_NTASKS_PER_NODE") or 1)
+        cpus = max(1, cores // tasks)
+        reason = f"{cores} cores shared by {tasks} task(s) on this machine"
+    else:
+        return None, "torch's default"
+    if num_workers:
+        reason += f" less {num_workers} loader worker(s)"
+    return max(1, cpus - num_workers), reason
+
+
+def _affinity() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def init_distributed(device: torch.device) -> DistInfo:
@@ -337,14 +386,24 @@ def shared_run_dir(path: str | Path) -> Path:
     return shared
 
 
-def launch_command(args: Sequence[str], *, script: str | None = None) -> str:
+def launch_command(
+    args: Sequence[str], *, script: str | None = None, program: str | None = None
+) -> str:
     """The command that starts ``script`` with ``args`` the way this process was started.
 
     ``python SCRIPT ...`` for a single process, ``torchrun --nproc_per_node=N SCRIPT ...`` under
     torchrun on one machine; across machines the rendezvous options cannot be recovered from a
     worker and are left for the user to repeat.
+
+    Args:
+        args: the program's arguments.
+        script: the program; by default ``sys.argv[0]``, as the user typed it.
+        program: the program where submitit started this process (``hydra/launcher=slurm``,
+            ``submitit_local``: ``SUBMITIT_EXECUTOR`` is set), whose ``sys.argv[0]`` is then
+            submitit's own script: the caller's ``__file__``, or its installed command.
     """
-    script = script or sys.argv[0]
+    if script is None:
+        script = program if program and "SUBMITIT_EXECUTOR" in os.environ else sys.argv[0]
     tail = shlex.join([script, *args])
     if "TORCHELASTIC_RUN_ID" not in os.environ:
         if is_installed_command(script):  # on PATH: run by its name, whichever Python it uses
@@ -358,3 +417,28 @@ def launch_command(args: Sequence[str], *, script: str | None = None) -> str:
         f"torchrun --nnodes={world // local} --nproc_per_node={local} "
         f"<the same rendezvous options on every machine> {tail}"
     )
+
+
+def torchrun(argv: Sequence[str] | None = None) -> int:
+    """torchrun (same options), ending with status 128 + signal, without a traceback, when a stop
+    signal ends it; returns the exit status.
+
+    torchrun passes SIGTERM (and SIGINT, SIGHUP, SIGQUIT) on to its workers and waits for them
+    (``--shutdown-timeout``, 30 s by default): each finishes its step, writes ``last.pt`` and
+    prints how to resume. Then torchrun raises ``SignalException``, whose traceback ends the
+    job's log and whose status 1 reads as a failure (sacct: ``FAILED 1:0``). Here the stop ends
+    as the workers do, with 143 for SIGTERM. SIGUSR2, SLURM's usual warning before a time limit,
+    has no handler in torchrun and kills it at once: send SIGTERM (``#SBATCH --signal=TERM@120``).
+    """
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.run import main
+
+    try:
+        main(list(sys.argv[1:] if argv is None else argv))
+    except SignalException as stop:  # the workers were sent the signal and waited for
+        return 128 + int(stop.sigval)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(torchrun())
