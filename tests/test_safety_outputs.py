@@ -148,8 +148,8 @@ def test_checkpoint_without_config_is_one_sentence(camvid, tmp_path):
     torch.save({"model": torch.load(base / "model.pt", weights_only=True)["model"]}, bare)
     Image.new("RGB", (8, 6)).save(tmp_path / "photo.png")
     expected = (
-        f"checkpoint {bare} has no 'config' entry with the training configuration; it is not an "
-        "fcnseg training checkpoint"
+        f"{bare} has no model description (no 'model_description' or 'config' entry); it is not "
+        "an fcnseg checkpoint"
     )
     proc = run_script("evaluate.py", f"checkpoint={bare}", *CPU, cwd=tmp_path)
     assert one_sentence(proc, "evaluate.py") == f"evaluate.py: error: {expected}"
