@@ -22,10 +22,13 @@ from fcnseg.models import build_model
 from fcnseg.models.init import init_from_checkpoint
 from fcnseg.utils.cli import check_settings, user_errors
 from fcnseg.utils.distributed import cleanup, launch_command, local_main_first
+from fcnseg.utils.logging import launched_as_main, setup_logging
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="train")
 def main(cfg: DictConfig) -> None:
+    # Logged from the first line: train.log receives it all once the run directory is accepted.
+    setup_logging(main_process=launched_as_main(), hold=True)
     with user_errors("train.py", also=(InstantiationException,)):
         check_settings("trainer", cfg.trainer, TrainSettings)
         settings = instantiate(cfg.trainer)
