@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 import hydra
+from fcnseg_cli.scripts import reports_config_errors
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
@@ -50,6 +51,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     return complete(instantiate(cfg.bench), pieces(cfg))()
 
 
+@reports_config_errors
 @hydra.main(version_base="1.3", config_path="../configs", config_name="benchmark")
 def main(cfg: DictConfig) -> None:
     with user_errors("benchmark.py", also=(InstantiationException,)):

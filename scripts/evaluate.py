@@ -5,6 +5,7 @@ Exact under ``torchrun --nproc_per_node=N`` (each process scores a disjoint shar
 """
 
 import hydra
+from fcnseg_cli.scripts import reports_config_errors
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
@@ -23,6 +24,7 @@ from fcnseg.utils.export import check_evaluation_outputs, write_json
 from fcnseg.utils.logging import setup_logging
 
 
+@reports_config_errors
 @hydra.main(version_base="1.3", config_path="../configs", config_name="evaluate")
 def main(cfg: DictConfig) -> None:
     with user_errors("evaluate.py", also=(InstantiationException,)):

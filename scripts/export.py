@@ -6,6 +6,7 @@ with ``runtime=onnx model=FILE``. Needs ``pip install 'fcnseg[onnx]'``.
 """
 
 import hydra
+from fcnseg_cli.scripts import reports_config_errors
 from omegaconf import DictConfig
 
 from fcnseg.deploy import check_export_output
@@ -15,6 +16,7 @@ from fcnseg.models.builder import load_trained
 from fcnseg.utils.cli import user_errors
 
 
+@reports_config_errors
 @hydra.main(version_base="1.3", config_path="../configs", config_name="export")
 def main(cfg: DictConfig) -> None:
     with user_errors("export.py"):

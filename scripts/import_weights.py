@@ -6,6 +6,7 @@ The checkpoint it writes is read by ``fcnseg.load_model``, ``scripts/evaluate.py
 """
 
 import hydra
+from fcnseg_cli.scripts import reports_config_errors
 from omegaconf import DictConfig, OmegaConf
 
 from fcnseg.errors import UserError
@@ -16,6 +17,7 @@ from fcnseg.utils.cli import user_errors
 FORMATS = {"torchfcn": torchfcn.import_checkpoint}
 
 
+@reports_config_errors
 @hydra.main(version_base="1.3", config_path="../configs", config_name="import_weights")
 def main(cfg: DictConfig) -> None:
     with user_errors("import_weights.py"):

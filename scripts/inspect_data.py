@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import hydra
+from fcnseg_cli.scripts import reports_config_errors
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig
@@ -21,6 +22,7 @@ from fcnseg.utils.export import check_output_dir, check_output_file
 from fcnseg.utils.logging import setup_logging
 
 
+@reports_config_errors
 @hydra.main(version_base="1.3", config_path="../configs", config_name="inspect_data")
 def main(cfg: DictConfig) -> None:
     with user_errors("inspect_data.py", also=(InstantiationException,)):

@@ -10,6 +10,7 @@ exit status is then 1.
 import sys
 
 import hydra
+from fcnseg_cli.scripts import reports_config_errors
 from omegaconf import DictConfig
 
 from fcnseg.deploy import load_for_inference
@@ -19,6 +20,7 @@ from fcnseg.errors import UserError
 from fcnseg.utils.cli import user_errors
 
 
+@reports_config_errors
 @hydra.main(version_base="1.3", config_path="../configs", config_name="predict")
 def main(cfg: DictConfig) -> None:
     skipped = []

@@ -6,6 +6,7 @@ On several GPUs: ``torchrun --nproc_per_node=4 scripts/train.py ...`` (docs/dist
 from pathlib import Path
 
 import hydra
+from fcnseg_cli.scripts import reports_config_errors
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
@@ -25,6 +26,7 @@ from fcnseg.utils.distributed import cleanup, launch_command, local_main_first
 from fcnseg.utils.logging import launched_as_main, setup_logging
 
 
+@reports_config_errors
 @hydra.main(version_base="1.3", config_path="../configs", config_name="train")
 def main(cfg: DictConfig) -> None:
     # Logged from the first line: train.log receives it all once the run directory is accepted.
