@@ -13,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from fcnseg.data import build_transforms
 from fcnseg.data.predictions import PredictionWriter
+from fcnseg.data.trusted import dataset_builder
 from fcnseg.deploy import load_for_inference
 from fcnseg.engine.evaluator import evaluation_dataset, run_evaluation
 from fcnseg.engine.inference import Inference
@@ -35,7 +36,7 @@ def main(cfg: DictConfig) -> None:
         model, ckpt = load_for_inference(
             runtime=cfg.runtime, checkpoint=cfg.checkpoint, model=cfg.model
         )
-        trained = ckpt["config"]["dataset"]
+        trained = ckpt["config"].get("dataset") or {}
         chosen = HydraConfig.get().runtime.choices.get("dataset") not in (None, "null")
         ds = evaluation_dataset(
             trained, OmegaConf.to_container(cfg.dataset, resolve=True), chosen=chosen
@@ -43,9 +44,15 @@ def main(cfg: DictConfig) -> None:
         split = cfg.split or ds["val_split"]
         # The model sees images normalised as in training, whatever the dataset config says.
         transform = build_transforms(
-            train=False, normalize=trained["normalize"], ignore_index=ds["ignore_index"]
+            train=False, normalize=model.info.normalize, ignore_index=ds["ignore_index"]
         )
-        dataset = instantiate(ds["builder"])(split=split, transform=transform)
+        source = cfg.model if cfg.runtime == "onnx" else cfg.checkpoint
+        if chosen:
+            make_dataset = instantiate(ds["builder"])
+        else:  # read from the model file: data, built from fcnseg's own dataset classes only
+            download = cfg.dataset.get("download")
+            make_dataset = dataset_builder(ds.get("builder"), source=source, download=download)
+        dataset = make_dataset(split=split, transform=transform)
         e = cfg.eval
         # Every output is checked before the evaluation, so that a refusal never follows a run.
         check_evaluation_outputs(
@@ -62,7 +69,7 @@ def main(cfg: DictConfig) -> None:
             dataset,
             class_names=ds["class_names"],
             ignore_index=ds["ignore_index"],
-            normalize=trained["normalize"],
+            normalize=model.info.normalize,
             inference=Inference.from_options(e),
             device=cfg.trainer.device,
             amp=cfg.trainer.amp,
@@ -76,7 +83,6 @@ def main(cfg: DictConfig) -> None:
             colors=ds.get("palette"),
         )
         if get_info().is_main:
-            source = cfg.model if cfg.runtime == "onnx" else cfg.checkpoint
             print(f"{source} on {ds.get('name')} {split}:\n{format_table(metrics)}")
             if cfg.out:
                 write_json(metrics, cfg.out, key="out", overwrite=e.overwrite)

@@ -165,7 +165,20 @@ def build_model_from_config(config: Mapping[str, Any]) -> SegmentationModel:
     fcnseg's registered builders, by name, with plain options; nothing else is imported or
     called.
     """
-    return ModelDescription.from_config(config, source="the checkpoint's config").build()
+    return build_from_description(
+        ModelDescription.from_config(config, source="the checkpoint's config")
+    )
+
+
+def build_from_description(description: ModelDescription) -> SegmentationModel:
+    """The network a ``ModelDescription`` names, with random weights (a checkpoint's follow)."""
+    return build_model(
+        backbone=description.backbone,
+        head=description.head,
+        num_classes=description.num_classes,
+        backbone_options={**description.backbone_options, "pretrained": False, "weights": None},
+        head_options=description.head_options,
+    )
 
 
 @dataclass(frozen=True)
@@ -272,7 +285,7 @@ def load_trained(
     description = ModelDescription.from_checkpoint(ckpt, source=str(checkpoint_path))
     if not isinstance(ckpt.get("config", {}), dict):
         raise UserError(f"{checkpoint_path}: its 'config' entry is not a mapping")
-    model = description.build()
+    model = build_from_description(description)
     try:
         model.load_state_dict(ckpt["model"])
     except (RuntimeError, TypeError, AttributeError) as err:

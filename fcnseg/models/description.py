@@ -226,7 +226,7 @@ class ModelDescription:
             raise UserError(f"{source}: the model description is not JSON ({err})") from err
         return None
 
-    # ------------------------------------------------------------------ writing, building
+    # ------------------------------------------------------------------ writing
     def to_dict(self) -> dict[str, Any]:
         """The version 1 description: JSON-serialisable plain values."""
         return {
@@ -238,18 +238,6 @@ class ModelDescription:
             "ignore_index": self.ignore_index,
             "normalize": self.normalize,
         }
-
-    def build(self):
-        """The network, with random weights (a checkpoint's follow)."""
-        from fcnseg.models.builder import build_model
-
-        return build_model(
-            backbone=self.backbone,
-            head=self.head,
-            num_classes=self.num_classes,
-            backbone_options={**self.backbone_options, "pretrained": False, "weights": None},
-            head_options=self.head_options,
-        )
 
 
 def _plain_options(options: Any, what: str) -> dict[str, Any]:

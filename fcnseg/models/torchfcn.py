@@ -123,6 +123,7 @@ def import_checkpoint(path: str | Path, *, config: dict[str, Any]) -> dict[str, 
     convention, and its ``backbone.pretrained`` to false. The number of classes must match the
     weights' ``score_fr``.
     """
+    from fcnseg.models.builder import build_from_description
     from fcnseg.models.description import KEY, ModelDescription
 
     state_dict, arch = read_state_dict(path)
@@ -144,7 +145,7 @@ def import_checkpoint(path: str | Path, *, config: dict[str, Any]) -> dict[str, 
     geometry = {k: v for k, v in REFERENCE_GEOMETRY.items() if k in config["backbone"]}
     config["backbone"] = {**config["backbone"], "pretrained": False, "weights": None, **geometry}
     description = ModelDescription.from_config(config, source=f"input={path}")
-    model = description.build()
+    model = build_from_description(description)
     try:
         model.load_state_dict(renamed, strict=True)
     except RuntimeError as err:
