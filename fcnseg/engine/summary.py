@@ -7,9 +7,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from fcnseg.engine.runtime import Runtime
 from fcnseg.engine.settings import TrainSettings
+from fcnseg.models.backbones.weights import RANDOM_INIT
 
 
 def run_summary(
@@ -22,6 +24,7 @@ def run_summary(
     scheduler: Any,
     start: int,
     run_dir: Path,
+    model: nn.Module | None = None,
 ) -> list[str]:
     """One line each: data, model, recipe, precision and devices, the run.
 
@@ -32,11 +35,16 @@ def run_summary(
         optimizer, scheduler: as built.
         start: the first iteration this process runs (after a resume, the next one).
         run_dir: where the run writes.
+        model: the model as built; its backbone's ``weights_source`` (the file read and its
+            sha256) says where the initial weights came from, else the config does.
     """
     s, group, dist = settings, optimizer.param_groups[0], runtime.dist
     ds, backbone = config.get("dataset", {}), config.get("backbone", {})
     splits = ", ".join(f"{split} {n if n is not None else '?'}" for split, n in sizes.items())
-    if backbone.get("weights"):
+    source = getattr(getattr(model, "backbone", None), "weights_source", None)
+    if isinstance(source, str) and source != RANDOM_INIT:
+        weights = source
+    elif backbone.get("weights"):
         weights = f"weights from {backbone['weights']}"
     elif backbone.get("pretrained"):
         weights = "ImageNet weights from torchvision"

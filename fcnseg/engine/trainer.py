@@ -396,7 +396,7 @@ class Trainer:
             config=self.config, settings=self.settings, runtime=self.runtime,
             sizes={"train": size_of(self.train_set), "val": size_of(self.val_set)},
             optimizer=self.optimizer, scheduler=self.scheduler, start=self.iteration,
-            run_dir=self.run_dir,
+            run_dir=self.run_dir, model=self.model,
         )  # fmt: skip
         for line in lines:
             self.log.info(line)

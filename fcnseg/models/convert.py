@@ -10,8 +10,9 @@ scores of every window of that size at the net's stride, sharing the overlapping
 ``fully_convolutional`` converts torchvision's VGG (``vgg11`` ... ``vgg19_bn``) and AlexNet,
 whose ``classifier`` follows an adaptive average pooling that is dropped (on a larger input it
 would squash the map to the native size), and torchvision's ResNets, whose global average
-pooling and ``fc`` become a 1x1 convolution: its score map averages to the classifier's output.
-The backbones use ``linear_weight_as_conv`` to load torchvision's fully connected weights.
+pooling and ``fc`` become a 1x1 convolution: its score map averages to the classifier's output,
+and torchvision's MobileNetV2, whose global average pooling (in its ``forward``) and
+``classifier`` (dropout, Linear) become the same kind of 1x1 scorer on ``features``' map.
 
 ``DenseClassifier`` (and ``classify``) make the converted net classify images of any size, as
 VGG's dense evaluation does (Simonyan & Zisserman, 2015, section 3.2): the score map is pooled
@@ -126,6 +127,10 @@ def fully_convolutional(model: nn.Module) -> FullyConvolutionalNet:
     224x224 window at a stride of 32. ResNets (``resnet18`` ... ``wide_resnet101_2``): ``fc``
     becomes a 1x1 convolution after ``layer4``; the mean of the score map is the classifier's
     output at any input size (the global average pooling and ``fc`` are both linear).
+    MobileNetV2 (``mobilenet_v2``): its classifier's Linear layer becomes a 1x1 convolution on
+    ``features``' 1280-channel map (7x7 at 224x224), after a ``Dropout2d`` of the classifier's
+    rate; the mean of the score map is the classifier's output at any input size, as for
+    ResNet.
 
     ``model`` is left unchanged; its convolutional layers are shared with the result, and the
     result starts in ``model``'s training mode.
@@ -133,7 +138,9 @@ def fully_convolutional(model: nn.Module) -> FullyConvolutionalNet:
     Raises:
         UserError: ``model`` is not one of the supported kinds.
     """
-    if isinstance(getattr(model, "classifier", None), nn.Sequential) and isinstance(
+    if _is_mobilenet_v2(model):
+        net = _convert_mobilenet_v2(model)
+    elif isinstance(getattr(model, "classifier", None), nn.Sequential) and isinstance(
         getattr(model, "features", None), nn.Module
     ):
         net = _convert_features_classifier(model)
@@ -142,7 +149,7 @@ def fully_convolutional(model: nn.Module) -> FullyConvolutionalNet:
     else:
         raise UserError(
             f"cannot convert a {type(model).__name__}: fully_convolutional takes torchvision's "
-            f"VGG (vgg11 ... vgg19_bn), AlexNet or ResNet classifiers"
+            f"VGG (vgg11 ... vgg19_bn), AlexNet, ResNet or MobileNetV2 classifiers"
         )
     return net.train(model.training)
 
@@ -274,6 +281,30 @@ def _convert_resnet(model: nn.Module) -> FullyConvolutionalNet:
         )
     )
     return FullyConvolutionalNet(features, nn.Sequential(OrderedDict(fc=linear_to_conv(model.fc))))
+
+
+def _is_mobilenet_v2(model: nn.Module) -> bool:
+    if type(model).__name__ != "MobileNetV2":  # cheap: torchvision is imported only then
+        return False
+    from torchvision.models import MobileNetV2
+
+    return isinstance(model, MobileNetV2)
+
+
+def _convert_mobilenet_v2(model: nn.Module) -> FullyConvolutionalNet:
+    kinds = [type(m) for m in model.classifier]
+    if kinds != [nn.Dropout, nn.Linear]:
+        names = ", ".join(k.__name__ for k in kinds)
+        raise UserError(
+            f"cannot convert a MobileNetV2 whose classifier is {names}, not Dropout, Linear"
+        )
+    drop, linear = model.classifier
+    # torchvision drops whole channels of the pooled vector: on the map, one draw per channel
+    # and image, Dropout2d. The pooling itself moves past the (linear) 1x1 convolution.
+    return FullyConvolutionalNet(
+        model.features,
+        nn.Sequential(OrderedDict(dropout=nn.Dropout2d(drop.p), fc=linear_to_conv(linear))),
+    )
 
 
 def _flat(module: nn.Module) -> list[nn.Module]:

@@ -20,8 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fcnseg.models.backbones.weights import load_pretrained
-from fcnseg.models.convert import linear_weight_as_conv
+from fcnseg.models.backbones.weights import load_by_names, load_pretrained
 from fcnseg.models.layers import FeatureInfo, FullyConnectedConv2d, coord_map
 
 ALEXNET_WIDTHS = (64, 192, 384, 256, 256)  # torchvision's single-tower AlexNet
@@ -113,18 +112,14 @@ class AlexNet(nn.Module):
         ``classifier.1`` (9216 -> 4096) becomes the 6x6 fc6, ``classifier.4`` the 1x1 fc7; the
         1000-way ``classifier.6`` is dropped: the segmentation head scores its own classes.
         """
-        mapped = {}
-        for name, index in TORCHVISION_CONVS.items():
-            for param in ("weight", "bias"):
-                mapped[f"features.{name}.{param}"] = state_dict[f"features.{index}.{param}"]
-        for name, index in (("fc6", 1), ("fc7", 4)):
-            key = f"classifier.{index}.weight"
-            conv = getattr(self.fc, name)
-            mapped[f"fc.{name}.weight"] = linear_weight_as_conv(
-                state_dict[key], conv.weight.shape, name=key
-            )
-            mapped[f"fc.{name}.bias"] = state_dict[f"classifier.{index}.bias"]
-        self.load_state_dict(mapped, strict=True)
+        layers = {f"features.{name}": f"features.{i}" for name, i in TORCHVISION_CONVS.items()}
+        layers.update({"fc.fc6": "classifier.1", "fc.fc7": "classifier.4"})
+
+        def rename(key: str) -> str:
+            layer, _, tensor = key.rpartition(".")
+            return f"{layers[layer]}.{tensor}"
+
+        load_by_names(self, state_dict, rename, dropped=lambda key: key.startswith("classifier.6."))
 
 
 def alexnet(

@@ -5,7 +5,8 @@ maps the FCN heads ask for under VGG's names: ``pool3`` is ``layer2``'s output (
 ``pool4`` is ``layer3``'s (stride 16) and ``fc7`` the top of the net (stride 32). The top is the
 final fully connected layer converted to a 1x1 convolution (``fc=True``, the default: on
 ``layer4``'s map it scores the 1000 ImageNet classes at every cell, the classifier the
-pretrained weights come with), or ``layer4``'s 2048-channel map itself (``fc=False``).
+pretrained weights come with), or ``layer4``'s map itself (``fc=False``: 2048 channels, 512 in
+ResNet-18 and -34, whose basic blocks end in a 3x3 convolution rather than a 1x1 expansion).
 
 Every convolution and pooling is padded by half its kernel, so every map is centred on the
 input's grid: cell ``y`` of a stride-``s`` map sits on input pixel ``s * y`` (origin 0). The
@@ -21,8 +22,8 @@ import torch
 from torch import nn
 
 from fcnseg.errors import UserError
-from fcnseg.models.backbones.weights import load_pretrained
-from fcnseg.models.convert import linear_to_conv, linear_weight_as_conv
+from fcnseg.models.backbones.weights import load_by_names, load_pretrained
+from fcnseg.models.convert import linear_to_conv
 from fcnseg.models.layers import FeatureInfo, coord_map
 
 # The feature each head asks for -> the torchvision stage that computes it.
@@ -33,7 +34,8 @@ class ResNet(nn.Module):
     """A torchvision ResNet as a dense feature extractor returning ``pool3``, ``pool4``, ``fc7``.
 
     Args:
-        arch: a torchvision ResNet builder name (``resnet50``, ``resnet101``, ...).
+        arch: a torchvision ResNet builder name (``resnet18`` ... ``resnet101``, ...): basic
+            blocks or bottlenecks alike, a block's last convolution gives its channels.
         fc: keep the classifier as a 1x1 convolution on top (``fc7`` = ImageNet scores);
             without it ``fc7`` is ``layer4``'s map.
     """
@@ -84,38 +86,67 @@ class ResNet(nn.Module):
         return {"pool3": pool3, "pool4": pool4, "fc7": top}
 
     def load_torchvision(self, state_dict: dict[str, torch.Tensor]) -> None:
-        """Loads a torchvision ResNet state dict; ``fc`` becomes the 1x1 convolution (or is
-        dropped with ``fc=False``)."""
-        mapped = {}
-        for key, value in state_dict.items():
-            if key.startswith(("conv1.", "bn1.")):
-                mapped[f"stem.{key}"] = value
-            elif key.startswith("fc."):
-                if self.fc is None:
-                    continue
-                if key == "fc.weight":
-                    value = linear_weight_as_conv(value, self.fc.weight.shape, name=key)
-                mapped[key] = value
-            else:
-                mapped[key] = value
-        self.load_state_dict(mapped, strict=True)
+        """Loads a torchvision ResNet state dict, every tensor checked by name and shape; ``fc``
+        becomes the 1x1 convolution (or is dropped with ``fc=False``)."""
+
+        def rename(key: str) -> str:
+            return key.removeprefix("stem.")  # torchvision's conv1, bn1 at the top level
+
+        load_by_names(
+            self, state_dict, rename, dropped=lambda key: self.fc is None and key.startswith("fc.")
+        )
 
 
-def _build(arch: str, *, pretrained: bool, weights: str | Path | None, fc: bool) -> ResNet:
+def _build(
+    arch: str, *, pretrained: bool, weights: str | Path | None, fc: bool, frozen_bn: bool
+) -> ResNet:
     return load_pretrained(
-        ResNet(arch, fc=fc), name=arch, arch=arch, pretrained=pretrained, weights=weights
-    )
+        ResNet(arch, fc=fc), name=arch, arch=arch, pretrained=pretrained, weights=weights,
+        frozen_bn=frozen_bn,
+    )  # fmt: skip
+
+
+def resnet18(
+    *,
+    pretrained: bool = False,
+    weights: str | Path | None = None,
+    fc: bool = True,
+    frozen_bn: bool = False,
+) -> ResNet:
+    """ResNet-18 (He et al.; basic blocks): skips from layer2 (stride 8, 128 channels) and
+    layer3 (stride 16, 256 channels); ``fc=False`` gives layer4's 512 channels."""
+    return _build("resnet18", pretrained=pretrained, weights=weights, fc=fc, frozen_bn=frozen_bn)
+
+
+def resnet34(
+    *,
+    pretrained: bool = False,
+    weights: str | Path | None = None,
+    fc: bool = True,
+    frozen_bn: bool = False,
+) -> ResNet:
+    """ResNet-34 (He et al.; basic blocks): skips from layer2 (stride 8, 128 channels) and
+    layer3 (stride 16, 256 channels); ``fc=False`` gives layer4's 512 channels."""
+    return _build("resnet34", pretrained=pretrained, weights=weights, fc=fc, frozen_bn=frozen_bn)
 
 
 def resnet50(
-    *, pretrained: bool = False, weights: str | Path | None = None, fc: bool = True
+    *,
+    pretrained: bool = False,
+    weights: str | Path | None = None,
+    fc: bool = True,
+    frozen_bn: bool = False,
 ) -> ResNet:
     """ResNet-50 (He et al.): skips from layer2 (stride 8) and layer3 (stride 16)."""
-    return _build("resnet50", pretrained=pretrained, weights=weights, fc=fc)
+    return _build("resnet50", pretrained=pretrained, weights=weights, fc=fc, frozen_bn=frozen_bn)
 
 
 def resnet101(
-    *, pretrained: bool = False, weights: str | Path | None = None, fc: bool = True
+    *,
+    pretrained: bool = False,
+    weights: str | Path | None = None,
+    fc: bool = True,
+    frozen_bn: bool = False,
 ) -> ResNet:
     """ResNet-101 (He et al.): skips from layer2 (stride 8) and layer3 (stride 16)."""
-    return _build("resnet101", pretrained=pretrained, weights=weights, fc=fc)
+    return _build("resnet101", pretrained=pretrained, weights=weights, fc=fc, frozen_bn=frozen_bn)

@@ -31,8 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fcnseg.errors import UserError
-from fcnseg.models.backbones.weights import load_pretrained
-from fcnseg.models.convert import linear_weight_as_conv
+from fcnseg.models.backbones.weights import load_by_names, load_pretrained
 from fcnseg.models.layers import FeatureInfo, FullyConnectedConv2d, coord_map
 
 VGG16_STAGES = ((64, 64), (128, 128), (256, 256, 256), (512, 512, 512), (512, 512, 512))
@@ -176,25 +175,21 @@ class VGG(nn.Module):
                 f"the weights have {len(theirs)} convolution/BatchNorm layers where this VGG has "
                 f"{len(ours)}; pick the backbone that matches them (vgg16 or vgg16_bn)"
             )
-        mapped = {}
-        for name, idx in zip(ours, theirs):
-            for k, v in state_dict.items():
-                if k.startswith(f"features.{idx}."):
-                    mapped[f"features.{name}.{k.split('.', 2)[2]}"] = v
-        if self.fc is not None:
-            for name, index in (("fc6", 0), ("fc7", 3)):
-                key = f"classifier.{index}.weight"
-                conv = getattr(self.fc, name)
-                mapped[f"fc.{name}.weight"] = linear_weight_as_conv(
-                    state_dict[key], conv.weight.shape, name=key
-                )
-                mapped[f"fc.{name}.bias"] = state_dict[f"classifier.{index}.bias"]
-        missing, unexpected = self.load_state_dict(mapped, strict=False)
-        fresh = [k for k in missing if not k.startswith(("fc.bnfc6.", "fc.bnfc7."))]
-        if fresh or unexpected:
-            raise UserError(
-                f"the weights do not fit this VGG: missing {fresh}, unexpected {unexpected}"
-            )
+        layers = {f"features.{name}.": f"features.{idx}." for name, idx in zip(ours, theirs)}
+        layers.update({"fc.fc6.": "classifier.0.", "fc.fc7.": "classifier.3."})
+
+        def rename(key: str) -> str | None:
+            layer, _, tensor = key.rpartition(".")
+            found = layers.get(f"{layer}.")
+            return None if found is None else found + tensor  # bnfc6/bnfc7: not in the file
+
+        used = ("classifier.0.", "classifier.3.") if self.fc is not None else ()
+        load_by_names(
+            self,
+            state_dict,
+            rename,
+            dropped=lambda key: key.startswith("classifier.") and not key.startswith(used),
+        )
 
 
 def _vgg(
@@ -204,11 +199,13 @@ def _vgg(
     *,
     pretrained: bool,
     weights: str | Path | None,
+    frozen_bn: bool = False,
     **options,
 ) -> VGG:
     return load_pretrained(
-        VGG(stages, **options), name=name, arch=arch, pretrained=pretrained, weights=weights
-    )
+        VGG(stages, **options), name=name, arch=arch, pretrained=pretrained, weights=weights,
+        frozen_bn=frozen_bn,
+    )  # fmt: skip
 
 
 def vgg16(
@@ -219,7 +216,8 @@ def vgg16(
     fc: bool = True,
     **options,
 ) -> VGG:
-    """VGG-16 (Simonyan & Zisserman), the FCN paper's backbone; ``options`` go to ``VGG``."""
+    """VGG-16 (Simonyan & Zisserman), the FCN paper's backbone; ``options`` go to ``VGG``
+    (``frozen_bn``, for the BatchNorm variants, to ``load_pretrained``)."""
     return _vgg(
         "vgg16", "vgg16", VGG16_STAGES, pretrained=pretrained, weights=weights,
         indices=indices, fc=fc, **options,
