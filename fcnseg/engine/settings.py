@@ -39,6 +39,9 @@ class TrainSettings:
         nan_policy: on a non-finite loss, ``stop`` (raise ``NonFiniteLossError``) or ``skip``
             the update (counted as ``skipped_steps``).
         num_vis: images shown in TensorBoard at each evaluation.
+        bn_recalibration: before the first step of a new run, this many training batches go
+            forward (no gradients) to replace every BatchNorm layer's running statistics by
+            their average over them (``fcnseg.models.norm.recalibrate_batch_norm``); 0: none.
     """
 
     max_iters: int = 1000
@@ -60,12 +63,13 @@ class TrainSettings:
     cudnn_benchmark: bool = True
     nan_policy: str = "stop"
     num_vis: int = 4
+    bn_recalibration: int = 0
 
     def __post_init__(self) -> None:
         minimum = {
             "max_iters": 1, "eval_interval": 1, "log_interval": 1, "checkpoint_interval": 1,
             "batch_size": 1, "accumulate": 1, "eval_batch_size": 1, "num_workers": 0,
-            "num_vis": 0, "seed": 0,
+            "num_vis": 0, "seed": 0, "bn_recalibration": 0,
         }  # fmt: skip
         for key, least in minimum.items():
             value = getattr(self, key)

@@ -55,6 +55,7 @@ from fcnseg.engine.skips import SkippedUpdates
 from fcnseg.engine.step import NonFiniteLossError, TrainStep
 from fcnseg.engine.summary import run_summary
 from fcnseg.metrics import SegMetrics
+from fcnseg.models.norm import recalibrate_batch_norm
 from fcnseg.utils.checkpoint import set_rng_state
 from fcnseg.utils.distributed import (
     all_reduce_sum,
@@ -195,6 +196,8 @@ class Trainer:
         outcome = "failed"  # until the loop ends or a stop signal is honoured
         try:
             with StopSignals(self.log, self.dist) as self._signals:
+                if s.bn_recalibration and self.iteration == 0:  # a new run, not a resumed one
+                    self._recalibrate_batch_norm()
                 self.step.module.train()
                 tic = time.perf_counter()
                 while not self._stopping and (self.pending_eval or self.iteration < s.max_iters):
@@ -355,6 +358,34 @@ class Trainer:
         }
 
     # ------------------------------------------------------------------ helpers
+    def _recalibrate_batch_norm(self) -> None:
+        """``trainer.bn_recalibration`` training batches forward to average the BatchNorm
+        statistics (``fcnseg.models.norm``), from a loader of their own and with the random
+        generators put back: the training that follows is the one a run without it sees."""
+        s = self.settings
+        loader = train_loader(
+            self.train_set, batch_size=s.batch_size, num_workers=s.num_workers, seed=s.seed,
+            rank=self.dist.rank, world_size=self.dist.world_size, ignore_index=self.ignore_index,
+            batching=self.batching,
+        )  # fmt: skip
+        with self.runtime.untouched_rng(), iter(shielded(loader)) as batches:
+            first = itertools.islice(batches, s.bn_recalibration)
+            with self.runtime.autocast():
+                layers, seen = recalibrate_batch_norm(
+                    self.model, (self.runtime.inputs(images) for images, _ in first)
+                )
+        if not layers:
+            self.log.warning(
+                "trainer.bn_recalibration=%d: the model has no BatchNorm layer with running "
+                "statistics to recalibrate (frozen ones keep theirs)", s.bn_recalibration,
+            )  # fmt: skip
+            return
+        self.log.info(
+            "trainer.bn_recalibration=%d: the running statistics of %d BatchNorm layers "
+            "averaged over %d training batches of %d images",
+            s.bn_recalibration, layers, seen, s.batch_size,
+        )  # fmt: skip
+
     def _stop_requested(self) -> bool:
         return self._signals is not None and self._signals.received is not None
 
