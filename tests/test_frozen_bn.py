@@ -222,3 +222,19 @@ def test_the_trainer_recalibrates_without_changing_the_training(tmp_path):
     stats = [k for k in runs[0] if k.endswith("running_mean")]
     assert stats and all(not torch.equal(runs[0][k], runs[2][k]) for k in stats)
     assert all(runs[2][k.replace("running_mean", "num_batches_tracked")] == 4 for k in stats)
+
+
+@pytest.mark.parametrize("name", ["alexnet", "resnet18", "mobilenet_v2"])
+def test_an_option_a_backbone_lacks_is_one_sentence(name):
+    """``+backbone.frozen_bn=true`` on a backbone whose builder has no such option (a partial
+    binding it cannot even be inspected) names the option and the backbone."""
+    import functools
+
+    from fcnseg.errors import UserError
+    from fcnseg.models import backbones, build_model
+
+    backbone = functools.partial(getattr(backbones, name), no_such_option=True)
+    with pytest.raises(
+        UserError, match=f"backbone.no_such_option is not an option of backbone {name}"
+    ):
+        build_model(backbone=backbone, head="fcn8s", num_classes=3)

@@ -55,6 +55,8 @@ from fcnseg.engine.skips import SkippedUpdates
 from fcnseg.engine.step import NonFiniteLossError, TrainStep
 from fcnseg.engine.summary import run_summary
 from fcnseg.metrics import SegMetrics
+from fcnseg.models.builder import describe
+from fcnseg.models.description import KEY
 from fcnseg.models.norm import recalibrate_batch_norm
 from fcnseg.utils.checkpoint import set_rng_state
 from fcnseg.utils.distributed import (
@@ -120,6 +122,12 @@ class Trainer:
         self.train_set, self.val_set, self.config = train_set, val_set, config
         self.class_names, self.ignore_index = list(class_names), loss.ignore_index
         self.normalize, self.batching, self.resume_command = normalize, batching, resume_command
+        # What checkpoints say the network is (``fcnseg.models.description``), read before the
+        # runtime wraps the model.
+        self.description = describe(
+            model, class_names=class_names, palette=config.get("dataset", {}).get("palette"),
+            ignore_index=loss.ignore_index, normalize=normalize,
+        )  # fmt: skip
 
         self.runtime = runtime or Runtime.from_settings(s)
         self.device, self.dist = self.runtime.device, self.runtime.dist
@@ -305,6 +313,7 @@ class Trainer:
             "pending_eval": self.pending_eval,
             "data": self._data_position(),
             "config": self.config,
+            **({KEY: self.description.to_dict()} if self.description is not None else {}),
         }
 
     def save(self, name: str) -> Path:

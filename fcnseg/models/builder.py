@@ -137,7 +137,14 @@ def _backbone_for_head(
                 f"head {head_name} needs backbone.{key}={_yaml(value)}, not "
                 f"backbone.{key}={_yaml(given[key])}; remove that option"
             )
-    params = inspect.signature(backbone).parameters.values()
+    try:
+        params = inspect.signature(backbone).parameters.values()
+    except ValueError as err:  # the partial binds a keyword the builder lacks
+        accepted = inspect.signature(_unwrap(backbone)).parameters
+        unknown = next((key for key in given if key not in accepted), None)
+        if unknown is None:
+            raise
+        raise UserError(f"backbone.{unknown} is not an option of backbone {backbone_name}") from err
     accepted = {p.name for p in params}
     if needs and not any(p.kind is p.VAR_KEYWORD for p in params):
         unknown = [key for key in needs if key not in accepted]
