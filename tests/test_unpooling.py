@@ -13,6 +13,7 @@ from fcnseg import build_model, load_model
 from fcnseg.data import SyntheticShapes, build_transforms
 from fcnseg.errors import UserError
 from fcnseg.models.backbones import vgg_tiny, vgg_tiny_encoder
+from fcnseg.models.layers import max_pool2d_window_argmax, max_unpool2d_window_argmax
 
 HEADS = {"segnet": {"fc": False}, "deconvnet": {"fc": True}}
 
@@ -59,6 +60,38 @@ def test_unpooling_puts_values_exactly_where_pooling_found_the_maxima():
             expected[0, c, INDICES[c][k // 3][k % 3]] = 100 + 9 * c + k
     assert out.shape == (1, 2, 5, 5)
     assert torch.equal(out.view(1, 2, 25), expected)
+
+
+def test_window_argmax_unpooling_puts_values_where_pooling_found_the_maxima():
+    """The export's scatter-free pair on the hand-checked planes: each value lands at its
+    window's argmax (the INDICES above), zeros elsewhere."""
+    plane = torch.tensor(PLANE, dtype=torch.float32)
+    x = torch.stack([plane, plane.T])[None]
+    pooled, where = max_pool2d_window_argmax(x)
+    assert pooled[0].tolist() == POOLED
+    values = 100 + torch.arange(18, dtype=torch.float32).view(1, 2, 3, 3)
+    out = max_unpool2d_window_argmax(values, where, x.shape[-2:])
+    assert out.shape == (1, 2, 5, 5)
+    expected = torch.zeros(1, 2, 25)
+    for c in range(2):
+        for k in range(9):
+            expected[0, c, INDICES[c][k // 3][k % 3]] = 100 + 9 * c + k
+    assert torch.equal(out.reshape(1, 2, 25), expected)
+
+
+@pytest.mark.parametrize("size", [(1, 1), (2, 3), (5, 5), (7, 4), (33, 47), (64, 64)])
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_window_argmax_unpooling_equals_pytorchs_with_ties(size, layout):
+    """Inputs of three values tie in most windows: the first maximum in row-major order is the
+    one PyTorch's pooling records, and the one the scatter-free unpooling uses."""
+    x = torch.randint(0, 3, (2, 3, *size), generator=torch.Generator().manual_seed(0)).float()
+    x = x.contiguous(memory_format=layout)
+    pooled, indices = F.max_pool2d(x, 2, stride=2, ceil_mode=True, return_indices=True)
+    values = torch.randn(pooled.shape, generator=torch.Generator().manual_seed(1))
+    want = F.max_unpool2d(values, indices, 2, stride=2, output_size=size)
+    got_pooled, where = max_pool2d_window_argmax(x)
+    assert torch.equal(got_pooled, pooled)
+    assert torch.equal(max_unpool2d_window_argmax(values, where, size), want)
 
 
 @pytest.mark.parametrize("head", sorted(HEADS))

@@ -1,19 +1,30 @@
 """Deployment: a trained model exported to ONNX with what it expects in the file, and run by
 onnxruntime wherever fcnseg runs a network.
 
-``export_checkpoint`` is what ``scripts/export.py`` calls; ``load_for_inference`` is how
-``scripts/evaluate.py`` and ``scripts/predict.py`` get their network for ``runtime=torch`` (a
-checkpoint) or ``runtime=onnx`` (an exported file).
+``export_checkpoint`` is what ``fcnseg-export`` (``scripts/export.py``) calls: a file for any
+image size, or for one size with every shape folded (OpenCV's DNN module loads it), giving
+logits or labels, in float32 or INT8. ``load_for_inference`` is how ``scripts/evaluate.py`` and
+``scripts/predict.py`` get their network for ``runtime=torch`` (a checkpoint) or
+``runtime=onnx`` (an exported file).
 """
 
 from __future__ import annotations
 
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
-from fcnseg.deploy.onnx import OnnxModel, export_onnx, load_onnx, read_metadata
+from fcnseg.deploy.onnx import (
+    OnnxModel,
+    check_export_options,
+    export_onnx,
+    load_onnx,
+    read_metadata,
+)
 from fcnseg.errors import UserError
 from fcnseg.models.builder import load_trained
 
@@ -23,6 +34,7 @@ RUNTIMES = ("torch", "onnx")
 __all__ = [
     "FORMATS",
     "RUNTIMES",
+    "Exported",
     "OnnxModel",
     "export_checkpoint",
     "export_onnx",
@@ -32,6 +44,28 @@ __all__ = [
 ]
 
 
+@dataclass
+class Exported:
+    """What ``export_checkpoint`` wrote, and how the INT8 model compares.
+
+    Attributes:
+        path: the file written.
+        model: the checkpoint's PyTorch model (what the file was exported from).
+        calibration: the names of the calibration images (INT8 only).
+        heldout: the names of the held-out images compared (INT8 only).
+        agreement: the fraction of the held-out images' pixels where the INT8 labels equal
+            the float32 model's (INT8 only).
+        splits: the (calibration, held-out) splits read (INT8 only).
+    """
+
+    path: Path
+    model: nn.Module
+    calibration: list[str] = field(default_factory=list)
+    heldout: list[str] = field(default_factory=list)
+    agreement: float | None = None
+    splits: tuple[str, str] | None = None
+
+
 def export_checkpoint(
     checkpoint: str | Path,
     output: str | Path,
@@ -39,24 +73,81 @@ def export_checkpoint(
     format: str = "onnx",
     overwrite: bool = False,
     opset: int | None = None,
-) -> Path:
+    input_size: Sequence[int] | None = None,
+    outputs: str = "logits",
+    quantize: str | None = None,
+    calibration_images: int = 32,
+    heldout_images: int = 8,
+    dataset_root: str | None = None,
+) -> Exported:
     """Exports a training checkpoint's model, with its ``ModelInfo`` and training config.
+
+    With ``quantize=int8`` the file is the INT8 (QDQ) quantization of the float32 export
+    (``fcnseg.deploy.quantize``), calibrated on ``calibration_images`` images of the
+    checkpoint's training split and compared with float32 on ``heldout_images`` images of its
+    validation split (training images not used for calibration where the validation split is
+    not there).
 
     Args:
         checkpoint: a checkpoint written by training (``best.pt``, ``last.pt``) or by
-            ``scripts/import_weights.py``.
+            ``fcnseg-import-weights``.
         output: the file to write.
         format: ``onnx``.
         overwrite: replace an existing ``output``.
-        opset: the ONNX opset (``None``: the exporter's default).
+        opset: the ONNX opset (``None``: the exporter's own; see ``OPSETS``).
+        input_size: ``(height, width)`` to fix (portable to runtimes that need static shapes),
+            or ``None`` for any size.
+        outputs: ``logits`` or ``labels`` (the argmax in the graph).
+        quantize: ``int8`` or ``None``; INT8 needs ``input_size``.
+        calibration_images: training images that calibrate the INT8 activation ranges.
+        heldout_images: validation images on which INT8's labels are compared with float32's.
+        dataset_root: where the checkpoint's dataset is now, if it moved since training.
 
     Raises:
-        UserError: an unknown format, an existing output without ``overwrite``, an unreadable
-            checkpoint, or onnx not installed. Each is checked before any work.
+        UserError: an unknown format or option, an existing output without ``overwrite``, an
+            unreadable checkpoint, or onnx not installed. Each is checked before any work.
     """
-    check_export_output(output, checkpoint=checkpoint, format=format, overwrite=overwrite)
+    check_export_output(
+        output,
+        checkpoint=checkpoint,
+        format=format,
+        overwrite=overwrite,
+        opset=opset,
+        input_size=input_size,
+        outputs=outputs,
+        quantize=quantize,
+    )
     model, ckpt = load_trained(checkpoint)
-    return export_onnx(model, output, info=model.info, config=ckpt["config"], opset=opset)
+    options = {"info": model.info, "config": ckpt["config"], "opset": opset}
+    options.update(input_size=input_size, outputs=outputs)
+    if quantize is None:
+        return Exported(export_onnx(model, output, **options), model)
+    from fcnseg.deploy.quantize import dataset_images, label_agreement, quantize_onnx
+
+    size = check_export_options(input_size=input_size, quantize=quantize)
+    source = f"checkpoint {checkpoint}"
+    read = {"input_size": size, "source": source, "dataset_root": dataset_root}
+    config = ckpt["config"]
+    calibration, names = dataset_images(
+        config, split="train_split", count=calibration_images, **read
+    )
+    splits = (config["dataset"].get("train_split", "train"), "")
+    try:
+        heldout, heldout_names = dataset_images(
+            config, split="val_split", count=heldout_images, **read
+        )
+        splits = (splits[0], config["dataset"].get("val_split", "val"))
+    except UserError:  # no validation split: training images not used for calibration
+        heldout, heldout_names = dataset_images(
+            config, split="train_split", count=heldout_images, skip=names, **read
+        )
+        splits = (splits[0], splits[0])
+    out = Path(output).expanduser()
+    with tempfile.TemporaryDirectory(prefix="fcnseg-export-") as folder:
+        fp32 = export_onnx(model, Path(folder) / "fp32.onnx", **options)
+        path = quantize_onnx(fp32, out, calibration)
+        agreement = label_agreement(OnnxModel(fp32), OnnxModel(path), heldout)
+    return Exported(path, model, names, heldout_names, agreement, splits)
 
 
 def check_export_output(
@@ -65,10 +156,14 @@ def check_export_output(
     checkpoint: str | Path | None = None,
     format: str = "onnx",
     overwrite: bool = False,
+    opset: int | None = None,
+    input_size: Sequence[int] | None = None,
+    outputs: str = "logits",
+    quantize: str | None = None,
 ) -> None:
     """The checks ``export_checkpoint`` makes before reading the checkpoint (cheap): a known
-    format, an output that is no folder, not the checkpoint, and new unless ``overwrite``, and
-    the exporter's packages installed."""
+    format, an output that is no folder, not the checkpoint, and new unless ``overwrite``, the
+    options in range (``check_export_options``), and the exporter's packages installed."""
     if format not in FORMATS:
         why = (
             "TorchScript is deprecated in PyTorch 2 and its tracer cannot export the "
@@ -84,10 +179,13 @@ def check_export_output(
         raise UserError(f"output={output} is the checkpoint itself; choose another file")
     if out.exists() and not overwrite:
         raise UserError(f"output={output} exists; pass overwrite=true to replace it")
+    check_export_options(opset=opset, input_size=input_size, outputs=outputs, quantize=quantize)
     from fcnseg.deploy.onnx import require
 
     require("onnx", "ONNX export")
     require("onnxscript", "ONNX export")
+    if quantize is not None:
+        require("onnxruntime", "INT8 quantization")
 
 
 def load_for_inference(

@@ -44,7 +44,12 @@ from torch import nn
 
 from fcnseg.errors import UserError
 from fcnseg.models.builder import ModelInfo
-from fcnseg.models.layers import FullyConnectedConv2d
+from fcnseg.models.layers import (
+    FullyConnectedConv2d,
+    max_pool2d_window_argmax,
+    max_unpool2d_window_argmax,
+)
+from fcnseg.utils.validate import size_pair
 
 INPUT_NAME, OUTPUT_NAME = "images", "logits"
 #: The dynamic axes of the input and output: one file for every batch size and image size.
@@ -53,6 +58,14 @@ DYNAMIC_AXES = {0: "batch", 2: "height", 3: "width"}
 #: non-square size keeps the trace off the special cases of 1 and of equal sides.
 EXAMPLE_SIZE = (2, 3, 97, 131)
 INSTALL_HINT = "pip install 'fcnseg[onnx]'"
+#: What the graph outputs: ``logits`` (N, C, H, W) float32, or ``labels`` (N, H, W), their argmax.
+OUTPUTS = ("logits", "labels")
+LABELS_NAME = "labels"
+#: The opsets a file can be written in: PyTorch's exporter writes its own (20 with PyTorch 2.14)
+#: and ONNX's version converter takes fcnseg's networks from there to these (measured: below 15
+#: it has no adapter for the dynamic graphs' Shape, below 14 none for Relu; the unpooling
+#: heads' dynamic graphs pad by computed amounts, and Pad has none below 18).
+OPSETS = range(15, 26)
 
 
 def require(module: str, purpose: str) -> types.ModuleType:
@@ -159,11 +172,20 @@ def export_onnx(
     config: Mapping[str, Any] | None = None,
     opset: int | None = None,
     input_channels: int = 3,
+    input_size: Sequence[int] | None = None,
+    outputs: str = "logits",
 ) -> Path:
-    """Exports ``model`` to the ONNX file ``path`` with dynamic batch, height and width.
+    """Exports ``model`` to the ONNX file ``path``, by default with dynamic batch, height and
+    width.
 
     The file is written atomically (a temporary file renamed over ``path``), weights included
     (no external data file; the ONNX protobuf limit of 2 GB holds every fcnseg network).
+
+    With ``input_size`` the height and width are fixed and every shape computation is folded
+    into constants: the graph holds no ``Shape`` node, which OpenCV's DNN module (4.x) and
+    other runtimes that need static shapes cannot load, and max unpooling is exported without
+    scatter and without MaxPool's indices output (``max_pool2d_window_argmax``), which they
+    cannot load either. The batch stays free.
 
     Args:
         model: maps (N, ``input_channels``, H, W) to (N, ...) for any H, W; copied, not changed.
@@ -171,49 +193,82 @@ def export_onnx(
         info: written into the metadata (``info_metadata``); ``None`` writes none (e.g. for a
             classifier).
         config: the training configuration, written beside ``info``.
-        opset: the ONNX opset (``None``: the exporter's default).
+        opset: the ONNX opset, one of ``OPSETS`` (``None``: the exporter's own).
         input_channels: channels of the traced example.
+        input_size: ``(height, width)`` to fix, or ``None`` for any size.
+        outputs: ``logits`` (N, C, H, W) float32, or ``labels``: their argmax over C in the
+            graph, (N, H, W) uint8 for up to 256 classes, else int64. The metadata's
+            ``outputs`` says which.
 
     Returns:
         ``path`` as a ``Path``.
+
+    Raises:
+        UserError: an option out of range (``check_export_options``).
     """
     require("onnx", "ONNX export")
     require("onnxscript", "ONNX export")
+    input_size = check_export_options(opset=opset, input_size=input_size, outputs=outputs)
     path = Path(path)
     model = copy.deepcopy(model).cpu().eval()
-    example = torch.zeros(EXAMPLE_SIZE[0], input_channels, *EXAMPLE_SIZE[2:])
-    with _as_plain_convolutions(model), _quiet():
+    example = torch.zeros(EXAMPLE_SIZE[0], input_channels, *(input_size or EXAMPLE_SIZE[2:]))
+    axes = {0: DYNAMIC_AXES[0]} if input_size else dict(DYNAMIC_AXES)
+    net = model
+    if outputs == "labels":
+        net = LabelsOutput(model, _num_classes(model, info, example))
+    output_name = OUTPUT_NAME if outputs == "logits" else LABELS_NAME
+    portable = _as_portable_unpooling(model) if input_size else contextlib.nullcontext()
+    with _as_plain_convolutions(model), portable, _quiet():
         program = torch.onnx.export(
-            model,
+            net,
             (example,),
             dynamo=True,
             input_names=[INPUT_NAME],
-            output_names=[OUTPUT_NAME],
+            output_names=[output_name],
             # Axis names, not Dims: the exporter reads them as Dim.DYNAMIC, which reports a
             # specialisation to the example's size instead of silently making it.
-            dynamic_shapes={INPUT_NAME: dict(DYNAMIC_AXES)},
-            opset_version=opset,
+            dynamic_shapes={INPUT_NAME: axes},
             verbose=False,
         )
     fixed = [
-        DYNAMIC_AXES[axis]
+        axes[axis]
         for axis, dim in enumerate(program.model.graph.inputs[0].shape)
-        if axis in DYNAMIC_AXES and isinstance(dim, int)
+        if axis in axes and isinstance(dim, int)
     ]
     if fixed:  # a guard of the trace fixed an axis: the file would serve one size only
         raise RuntimeError(f"the exported graph has a fixed {', '.join(fixed)}")
     if info is not None:
         program.model.metadata_props.update(info_metadata(info, config))
+    program.model.metadata_props.update(deploy_metadata(outputs=outputs, input_size=input_size))
+    h, w = input_size or ("H", "W")
     program.model.doc_string = (
-        f"{INPUT_NAME}: float32 (N, {input_channels}, H, W), normalised as the metadata's "
-        f"'normalization' says; {OUTPUT_NAME}: float32 (N, C, H, W) class scores, whose argmax "
-        "over C is the label map"
+        f"{INPUT_NAME}: float32 (N, {input_channels}, {h}, {w}), normalised as the metadata's "
+        "'normalization' says; "
+        + (
+            f"{OUTPUT_NAME}: float32 (N, C, {h}, {w}) class scores, whose argmax over C is the "
+            "label map"
+            if outputs == "logits"
+            else f"{LABELS_NAME}: (N, {h}, {w}) class indices, the argmax of the class scores"
+        )
     )
+    proto = program.model_proto
+    if input_size is not None:
+        check_static(proto)
+    if opset is not None:
+        proto = convert_opset(proto, opset)
+    return save_onnx(proto, path)
+
+
+def save_onnx(proto: Any, path: str | Path) -> Path:
+    """Writes the ``onnx.ModelProto`` ``proto`` to ``path`` atomically (a temporary file
+    renamed over it), readable as the umask allows."""
+    onnx = require("onnx", "writing an ONNX file")
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        program.save(tmp, external_data=False)
+        onnx.save(proto, tmp)
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
@@ -223,14 +278,174 @@ def export_onnx(
     return path
 
 
+def check_export_options(
+    *,
+    opset: int | None = None,
+    input_size: Sequence[int] | None = None,
+    outputs: str = "logits",
+    quantize: str | None = None,
+) -> tuple[int, int] | None:
+    """Checks the export options before any work; returns ``input_size`` as (height, width).
+
+    Raises:
+        UserError: an unknown ``outputs`` or ``quantize``, an opset outside ``OPSETS``, a
+            malformed ``input_size``, or INT8 without a fixed size.
+    """
+    if outputs not in OUTPUTS:
+        raise UserError(f"outputs={outputs} is not one of {', '.join(OUTPUTS)}")
+    if opset is not None and (isinstance(opset, bool) or opset not in OPSETS):
+        raise UserError(
+            f"opset={opset} is not supported: fcnseg writes opsets {OPSETS[0]} to "
+            f"{OPSETS[-1]} (ONNX's version converter takes its networks no lower)"
+        )
+    if quantize is not None and quantize != "int8":
+        raise UserError(f"quantize={quantize} is not supported; use quantize=int8 or null")
+    size = None if input_size is None else size_pair(input_size, name="input_size")
+    if quantize is not None and size is None:
+        raise UserError(
+            f"quantize={quantize} needs a fixed input_size=[HEIGHT,WIDTH]: the calibration "
+            "runs, and the quantized model computes, at one size"
+        )
+    return size
+
+
+def deploy_metadata(*, outputs: str = "logits", input_size: Sequence[int] | None = None) -> dict:
+    """What a deployment reads besides ``info_metadata``: ``outputs`` (``logits`` or
+    ``labels``) and ``input_size`` (JSON ``[height, width]``, or ``null`` for any size)."""
+    return {
+        "outputs": outputs,
+        "input_size": json.dumps(None if input_size is None else list(input_size)),
+    }
+
+
+class LabelsOutput(nn.Module):
+    """``model``'s label map: the argmax over classes of its logits, (N, H, W), uint8 for up
+    to 256 classes (a quarter of int64's bytes, and what an image library takes), else int64.
+    Of equal scores the first class wins, as ``torch.argmax`` and ONNX's ArgMax decide."""
+
+    def __init__(self, model: nn.Module, num_classes: int) -> None:
+        super().__init__()
+        self.model = model
+        self.dtype = torch.uint8 if num_classes <= 256 else torch.int64
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model(images).argmax(1).to(self.dtype)
+
+
+def _num_classes(model: nn.Module, info: ModelInfo | None, example: torch.Tensor) -> int:
+    if info is not None:
+        return info.num_classes
+    with torch.no_grad(), _as_plain_convolutions(model):
+        return int(model(example[:1]).shape[1])
+
+
+@contextlib.contextmanager
+def _as_portable_unpooling(model: nn.Module):
+    """Runs the unpooling heads' max pooling with indices and max unpooling as
+    ``max_pool2d_window_argmax`` and ``max_unpool2d_window_argmax`` while exporting.
+
+    PyTorch exports ``MaxUnpool2d`` as ScatterND fed by MaxPool's second output, neither of
+    which OpenCV's DNN module (4.x) reads; the window-argmax pair is comparisons, products and
+    (transposed) convolutions, with the same result. It applies to 2x2 windows at stride 2
+    (every fcnseg encoder); a model with other poolings keeps PyTorch's own export.
+    """
+    pools = [m for m in model.modules() if isinstance(m, nn.MaxPool2d) and m.return_indices]
+    unpools = [m for m in model.modules() if isinstance(m, nn.MaxUnpool2d)]
+
+    def is_2x2(m: nn.Module) -> bool:
+        geometry = [m.kernel_size, m.stride, m.padding] + (
+            [m.dilation, m.ceil_mode] if isinstance(m, nn.MaxPool2d) else []
+        )
+        return [_pair(v) for v in geometry[:3]] == [(2, 2), (2, 2), (0, 0)] and geometry[3:] in (
+            [],
+            [1, True],
+            [(1, 1), True],
+        )
+
+    swap = bool(pools and unpools) and all(is_2x2(m) for m in pools + unpools)
+    if swap:
+        for pool in pools:
+            pool.forward = types.MethodType(lambda self, x: max_pool2d_window_argmax(x), pool)
+        for unpool in unpools:
+            unpool.forward = types.MethodType(_unpool_forward, unpool)
+    try:
+        yield model
+    finally:
+        if swap:
+            for m in pools + unpools:
+                del m.forward
+
+
+def _unpool_forward(
+    self: nn.MaxUnpool2d,
+    x: torch.Tensor,
+    indices: torch.Tensor,
+    output_size: Sequence[int] | None = None,
+) -> torch.Tensor:
+    size = output_size if output_size is not None else (2 * x.shape[-2], 2 * x.shape[-1])
+    return max_unpool2d_window_argmax(x, indices, size)
+
+
+def _pair(value: int | Sequence[int]) -> tuple[int, int]:
+    return (value, value) if isinstance(value, int) else tuple(value)
+
+
+def check_static(proto: Any) -> None:
+    """Asserts that the graph ``proto`` computes no shape: no ``Shape``-like node is left, and
+    ONNX's shape inference finds every dimension but the batch fixed.
+
+    Raises:
+        RuntimeError: a dynamic part left (a defect of the export, not of the user's input).
+    """
+    onnx = require("onnx", "ONNX export")
+    dynamic_ops = {"Shape", "Size", "NonZero", "Range", "ConstantOfShape", "ScatterND"}
+    left = sorted({n.op_type for n in proto.graph.node} & dynamic_ops)
+    inferred = onnx.shape_inference.infer_shapes(proto, strict_mode=True)
+    graph = inferred.graph
+    unknown = [
+        v.name
+        for v in list(graph.value_info) + list(graph.output)
+        if v.type.HasField("tensor_type")
+        and any(not d.HasField("dim_value") for d in v.type.tensor_type.shape.dim[1:])
+    ]
+    if left or unknown:
+        raise RuntimeError(
+            f"the fixed-size graph still computes shapes: {', '.join(left + unknown[:5])}"
+        )
+
+
+def convert_opset(proto: Any, opset: int) -> Any:
+    """``proto`` in ONNX opset ``opset`` (ONNX's version converter), checked by ONNX's checker.
+
+    Raises:
+        UserError: the converter cannot express the graph in that opset.
+    """
+    onnx = require("onnx", "ONNX export")
+    current = next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
+    if current == opset:
+        return proto
+    try:
+        converted = onnx.version_converter.convert_version(proto, opset)
+        onnx.checker.check_model(converted)
+    except Exception as err:  # the converter raises RuntimeError, ValidationError, ...
+        reason = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+        raise UserError(
+            f"opset={opset} cannot express this network ({reason}); use opset 18 or later, or "
+            f"a fixed input_size=[HEIGHT,WIDTH], whose graph converts down to {OPSETS[0]}"
+        ) from err
+    return converted
+
+
 @contextlib.contextmanager
 def _quiet():
-    """Silences the exporter's progress lines and the warnings of its graph passes (its own
-    errors still raise)."""
+    """Silences the exporter's progress lines and the warnings of its graph passes (such as
+    onnx_ir's "Attribute type is ambiguous" for an empty list); its own errors still raise."""
     import logging
     import warnings
 
-    loggers = [logging.getLogger(n) for n in ("torch.onnx", "onnxscript", "torch.export")]
+    loggers = [
+        logging.getLogger(n) for n in ("torch.onnx", "onnxscript", "onnx_ir", "torch.export")
+    ]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
         lg.setLevel(logging.ERROR)
@@ -268,6 +483,8 @@ def compare_outputs(
     Returns:
         Per size: ``size``, ``max_abs_diff``, ``scale`` (the largest absolute PyTorch output)
         and ``label_agreement`` (the fraction of positions whose argmax over dim 1 agrees).
+        For a file that outputs labels, ``max_abs_diff`` is ``None`` and its labels are
+        compared with the argmax of PyTorch's logits.
     """
     g = torch.Generator().manual_seed(seed)
     model = model.cpu().eval()
@@ -277,12 +494,15 @@ def compare_outputs(
         with torch.no_grad():
             want = model(x).float()
         got = session(x)
+        labels = got if session.outputs == "labels" else got.argmax(1)
         rows.append(
             {
                 "size": (h, w),
-                "max_abs_diff": float((got - want).abs().max()),
+                "max_abs_diff": (
+                    None if session.outputs == "labels" else float((got - want).abs().max())
+                ),
                 "scale": float(want.abs().max()),
-                "label_agreement": float((got.argmax(1) == want.argmax(1)).float().mean()),
+                "label_agreement": float((labels == want.argmax(1)).float().mean()),
             }
         )
     return rows
@@ -295,7 +515,9 @@ class OnnxModel(nn.Module):
     A module without parameters whose ``forward`` maps images (N, 3, H, W) to logits
     (N, C, H, W) on the input's device, so that ``fcnseg.engine.inference.Inference``, the
     evaluator and ``fcnseg.Predictor`` run it exactly as they run the PyTorch model (sliding
-    windows, TTA). The arrays travel through the host; autocast does not apply.
+    windows, TTA). The arrays travel through the host; autocast does not apply. A file
+    exported with ``outputs=labels`` gives the label maps (N, H, W) int64 instead, and one
+    exported with ``input_size`` takes images of that size only.
 
     Args:
         path: the ``.onnx`` file.
@@ -306,6 +528,8 @@ class OnnxModel(nn.Module):
     Attributes:
         info: the ``ModelInfo`` of the metadata (``None`` for a file without fcnseg's).
         config: the training configuration of the metadata, if any.
+        outputs: ``logits`` or ``labels``, as the graph's output says.
+        input_size: the (height, width) the graph is fixed to, or ``None`` for any size.
     """
 
     def __init__(
@@ -336,14 +560,29 @@ class OnnxModel(nn.Module):
         if "class_names" in meta:
             self.info, self.config = info_from_metadata(meta, source=self.path)
         self.input_name = self.session.get_inputs()[0].name
+        # What the graph itself says (the metadata's "outputs" and "input_size" repeat it).
+        output, image = self.session.get_outputs()[0], self.session.get_inputs()[0]
+        self.outputs = "labels" if len(output.shape) == 3 else "logits"
+        fixed = image.shape[2:] if len(image.shape) == 4 else []
+        self.input_size = tuple(fixed) if all(isinstance(d, int) for d in fixed) else None
 
     def extra_repr(self) -> str:
         return f"{self.path}, providers={self.session.get_providers()}"
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if self.input_size is not None and tuple(images.shape[-2:]) != self.input_size:
+            h, w = self.input_size
+            raise UserError(
+                f"{self.path} takes {h}x{w} images only (exported with input_size=[{h}, {w}]), "
+                f"not {images.shape[-2]}x{images.shape[-1]}; resize the images, or export "
+                "without input_size for any size"
+            )
         x = images.detach().float().cpu().contiguous().numpy()
         (out,) = self.session.run(None, {self.input_name: x})
-        return torch.from_numpy(np.asarray(out)).to(images.device)
+        out = np.asarray(out)
+        if self.outputs == "labels":  # uint8 in the file; int64 as torch.argmax gives
+            out = out.astype(np.int64)
+        return torch.from_numpy(out).to(images.device)
 
 
 def load_onnx(path: str | Path, **options: Any) -> tuple[OnnxModel, dict[str, Any]]:

@@ -108,6 +108,11 @@ class Inference:
         The plain mode returns the network's output as is (its dtype under autocast); every
         other mode returns float32.
         """
+        if _gives_labels(model):
+            raise UserError(
+                f"{_name(model)} was exported with outputs=labels, so it gives no logits "
+                "(class probabilities need them); export it with outputs=logits"
+            )
         if self.plain:
             return _forward(model, images, autocast)
         return torch.stack([self._image_logits(model, img[None], autocast) for img in images])
@@ -118,6 +123,14 @@ class Inference:
     ) -> torch.Tensor:
         """Labels (N, H, W): the argmax of the averaged logits, one image at a time so that only
         one image's full-resolution logits are ever held (except in plain mode)."""
+        if _gives_labels(model):  # the argmax is in the graph
+            if not self.plain:
+                raise UserError(
+                    f"{_name(model)} was exported with outputs=labels, so {self} cannot run it: "
+                    "sliding windows, scales and flips average logits; use eval.mode=whole "
+                    "eval.scales=[1.0] eval.flip=false, or export with outputs=logits"
+                )
+            return _forward(model, images, None)
         if self.plain:
             return _forward(model, images, autocast).argmax(1)
         return torch.stack(
@@ -173,6 +186,16 @@ class Inference:
             new_lo = writer(band, lo, final)
             _shift_up(band, new_lo - lo, filled=y + ch - lo)
             lo = new_lo
+
+
+def _gives_labels(model: nn.Module) -> bool:
+    """Whether ``model`` outputs label maps, not logits (an ONNX file exported with
+    ``outputs=labels``: ``fcnseg.deploy.OnnxModel.outputs``)."""
+    return getattr(model, "outputs", "logits") == "labels"
+
+
+def _name(model: nn.Module) -> str:
+    return str(getattr(model, "path", type(model).__name__))
 
 
 def _forward(model: nn.Module, x: torch.Tensor, autocast) -> torch.Tensor:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -111,3 +111,72 @@ class FullyConnectedConv2d(nn.Conv2d):
         return out.contiguous(
             memory_format=torch.channels_last if nhwc else torch.contiguous_format
         )
+
+
+# ---------------------------------------------------------------------------- portable unpooling
+# ``nn.MaxUnpool2d`` scatters every value to its flat index; exported, that is ScatterND fed by
+# MaxPool's second output, and OpenCV's DNN module (4.x) reads neither. SegNet's and DeconvNet's
+# poolings are all 2x2 windows at stride 2 (ceil mode), so the same result can be written with
+# operators every runtime has: where in its window each maximum lies (0 to 3, row-major) is
+# found by comparing the input with its upsampled maximum, and unpooling puts each value back
+# at that place with one-hot transposed convolutions. Both are exact: comparisons and products
+# by 0 and 1 round nothing.
+#: Depthwise 2x2 kernels, one per window position (row-major), 1 at that position.
+_WINDOW_POSITIONS = torch.eye(4).view(4, 1, 1, 2, 2)
+
+
+def _window_position_kernel(channels: int, position: int, dtype: torch.dtype) -> torch.Tensor:
+    """A depthwise (channels, 1, 2, 2) kernel that is 1 at ``position`` of the 2x2 window."""
+    return _WINDOW_POSITIONS[position].to(dtype).expand(channels, 1, 2, 2)
+
+
+def _upsample2x(x: torch.Tensor) -> torch.Tensor:
+    """Each cell repeated over a 2x2 block: a depthwise transposed convolution by ones (exact,
+    no two blocks overlap), cheaper to export than ``F.interpolate``."""
+    ones = torch.ones(1, 1, 2, 2, dtype=x.dtype, device=x.device).expand(x.shape[1], 1, 2, 2)
+    return F.conv_transpose2d(x, ones, stride=2, groups=x.shape[1])
+
+
+def max_pool2d_window_argmax(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """2x2 max pooling at stride 2 in ceil mode, and where in its window each maximum lies.
+
+    The second tensor stands for ``MaxPool2d(return_indices=True)``'s flat indices in a form
+    without integer indexing: the position (0 to 3, row-major) of the maximum inside its 2x2
+    window, in ``x``'s dtype. Of equal maxima the first in row-major order is taken, as
+    PyTorch's pooling takes it (NaN inputs aside). ``max_unpool2d_window_argmax`` reads it.
+    """
+    height, width = x.shape[-2:]
+    channels = x.shape[1]
+    pooled = F.max_pool2d(x, 2, stride=2, ceil_mode=True)
+    upsampled = _upsample2x(pooled)[..., :height, :width]
+    # 1 where an input equals its window's maximum; the cells a ceil-mode window has past the
+    # border are 0, never a maximum.
+    equal = (x == upsampled).to(x.dtype)
+    equal = F.pad(equal, (0, 2 * pooled.shape[-1] - width, 0, 2 * pooled.shape[-2] - height))
+    hit = [
+        F.conv2d(equal, _window_position_kernel(channels, p, x.dtype), stride=2, groups=channels)
+        for p in range(4)
+    ]
+    # The first hit in row-major order: position p counts where no earlier one hit (and the
+    # last where none of the others did).
+    none_before = [1 - hit[0]]
+    for p in (1, 2):
+        none_before.append(none_before[-1] * (1 - hit[p]))
+    where = hit[1] * none_before[0] + 2 * hit[2] * none_before[1] + 3 * none_before[2]
+    return pooled, where
+
+
+def max_unpool2d_window_argmax(
+    values: torch.Tensor, where: torch.Tensor, output_size: Sequence[int]
+) -> torch.Tensor:
+    """``nn.MaxUnpool2d(2, stride=2)``: each value put back where ``max_pool2d_window_argmax``
+    found its window's maximum, zeros elsewhere, cropped to ``output_size`` (H, W)."""
+    height, width = output_size[-2], output_size[-1]
+    # Every output cell sees its window's value and position; it keeps the value where the
+    # position is its own (row parity * 2 + column parity).
+    upsampled = _upsample2x(values)[..., :height, :width]
+    position = _upsample2x(where)[..., :height, :width]
+    rows = torch.arange(height, device=values.device) % 2
+    cols = torch.arange(width, device=values.device) % 2
+    own = (rows[:, None] * 2 + cols[None, :]).to(values.dtype)
+    return upsampled * (position == own).to(values.dtype)
