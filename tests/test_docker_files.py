@@ -10,11 +10,14 @@ from __future__ import annotations
 import copy
 import importlib.util
 import json
+import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -543,3 +546,271 @@ def test_cpu_override_drops_the_gpus_and_locked_memory_and_keeps_the_rest():
         # Everything else is compose.yaml's: the launcher, mounts, user, IPC, network.
         for key in ("entrypoint", "volumes", "user", "ipc", "network_mode", "init", "image"):
             assert service.get(key) == gpu[name].get(key), (name, key)
+
+
+# --------------------------------------------------------------------------- the way out
+# docker/smoke_test.sh run for real against a fake podman: the build and every container succeed
+# at once, `system service` opens its socket and then waits like a service, and the engine lists
+# one container, network and volume per label filter until they are removed. The ways out are a
+# failed check, a failed command, SIGTERM to the script, SIGINT to its process group (Ctrl-C) and
+# SIGTERM to its process group, which leaves `podman run` without the subshell that started it;
+# the way through (the checks passing) is driven through docker/lib.sh below.
+FAKE_PODMAN = """\
+import json, os, signal, socket, sys, time
+state = os.environ["FAKE_PODMAN_STATE"]
+args = sys.argv[1:]
+while args[:1] == ["--runtime"]:
+    args = args[2:]
+
+
+def record(name, value):
+    with open(os.path.join(state, name), "a") as f:
+        f.write(json.dumps(value) + "\\n")
+
+
+def removed():
+    path = os.path.join(state, "removed")
+    return [json.loads(line) for line in open(path)] if os.path.exists(path) else []
+
+
+if args[:1] == ["info"]:
+    print("false")
+elif args[:1] == ["build"] and os.environ.get("FAKE_BUILD") == "hang":
+    record("build", os.getpid())
+    time.sleep(120)
+elif args[:2] == ["system", "service"]:
+    path = args[-1].removeprefix("unix://")
+    record("service", [os.getpid(), path])
+
+    def leave_a_daemon(*_):
+        # Out of the script's process tree, and started after the script's sweep: only the
+        # check on the socket's path after the cleanup can find it.
+        if os.fork() == 0:
+            os.setsid()
+            if os.fork() == 0:
+                record("escaped", os.getpid())
+                code = "import time; time.sleep(120)"
+                os.execv(sys.executable, [sys.executable, "-c", code, path])
+            os._exit(0)
+        sys.exit(0)
+
+    if os.environ.get("FAKE_SERVICE") == "escape":
+        signal.signal(signal.SIGTERM, leave_a_daemon)
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(path)
+    server.listen()
+    time.sleep(120)
+elif args[:1] == ["run"]:
+    mode = os.environ["FAKE_RUN"]
+    if mode == "fail":
+        sys.exit(3)
+    if mode == "hang":
+
+        def stop_the_container(*_):  # podman run hands the signal to it and waits
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            time.sleep(2)
+            record("run_stopped", os.getpid())
+            sys.exit(143)
+
+        signal.signal(signal.SIGINT, stop_the_container)
+        signal.signal(signal.SIGTERM, stop_the_container)
+        record("run", os.getpid())
+        time.sleep(120)
+elif args[:1] in (["ps"], ["network"], ["volume"]) and "--filter" in args:
+    kind = {"ps": "container", "network": "network", "volume": "volume"}[args[0]]
+    name = f"{kind}-for-{args[args.index('--filter') + 1]}"
+    if [kind, name] not in removed():
+        print(name)
+elif args[:1] == ["rm"]:
+    record("removed", ["container", args[-1]])
+elif args[:2] in (["network", "rm"], ["volume", "rm"]):
+    record("removed", [args[0], args[-1]])
+"""
+
+
+def _lines(path: Path) -> list:
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def _alive(pid: int) -> bool:
+    """Whether PID runs (a zombie that no parent reaps yet is not running)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, IndexError):
+        return False
+
+
+def _default_sigint() -> None:
+    # A process started in the background by a non-interactive shell ignores SIGINT, and so
+    # would the script's children; a terminal's Ctrl-C reaches a script with the default.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def _start_with_fake_podman(script: Path, tmp_path: Path, **env: str) -> subprocess.Popen:
+    bin_dir, state = tmp_path / "bin", tmp_path / "state"
+    bin_dir.mkdir()
+    state.mkdir()
+    fake = bin_dir / "podman"
+    fake.write_text(f"#!{sys.executable} -S\n{FAKE_PODMAN}")  # -S: starts faster
+    fake.chmod(0o755)
+    environ = {
+        "PATH": f"{bin_dir}:{Path(sys.executable).parent}:/usr/bin:/bin",
+        "HOME": str(tmp_path),
+        "FCNSEG_ENGINE": "podman",
+        "FAKE_PODMAN_STATE": str(state),
+        **env,
+    }
+    # Output to a file, not a pipe: a process that outlives the script would hold a pipe open.
+    with open(tmp_path / "output", "w") as output:
+        return subprocess.Popen(
+            ["bash", str(script)], env=environ, stdout=output, stderr=subprocess.STDOUT,
+            start_new_session=True, preexec_fn=_default_sigint,
+        )  # fmt: skip
+
+
+def _kill_leftovers(proc: subprocess.Popen, state: Path) -> None:
+    """What a failing test leaves: the script's group, the fake's processes, the test folder."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    pids = [p[0] for p in _lines(state / "service")] + _lines(state / "run")
+    pids += _lines(state / "escaped") + _lines(state / "build")
+    for pid in pids:
+        if _alive(pid):
+            os.kill(pid, signal.SIGKILL)
+    for _, socket_path in _lines(state / "service"):
+        shutil.rmtree(Path(socket_path).parent, ignore_errors=True)
+
+
+def _wait_for(path: Path, seconds: float = 60) -> None:
+    deadline = time.monotonic() + seconds
+    while not path.exists():
+        assert time.monotonic() < deadline, f"{path.name} never appeared"
+        time.sleep(0.1)
+
+
+@pytest.mark.parametrize(
+    ("how", "status", "said"),
+    [
+        ("a failed check", 1, "FAILED: outputs/smoke/checkpoints/last.pt is not at iteration 2"),
+        ("a failed command", 3, ""),
+        ("SIGTERM to the script", 143, ""),
+        ("SIGINT to its process group", 130, ""),
+        ("SIGTERM to its process group", 143, ""),
+    ],
+)
+def test_smoke_test_ends_what_it_started_on_every_way_out(tmp_path, how, status, said):
+    run = {"a failed command": "fail", "a failed check": "succeed"}.get(how, "hang")
+    proc = _start_with_fake_podman(SMOKE_TEST, tmp_path, FAKE_RUN=run)
+    state = tmp_path / "state"
+    try:
+        if run == "hang":
+            _wait_for(state / "run")
+            sent = signal.SIGINT if how.startswith("SIGINT") else signal.SIGTERM
+            if how.endswith("the script"):
+                proc.send_signal(sent)
+            else:
+                os.killpg(proc.pid, sent)
+        proc.wait(timeout=60)
+        err = (tmp_path / "output").read_text()
+        assert proc.returncode == status, err
+        assert said in err
+        [(service, socket_path)] = _lines(state / "service")
+        work = Path(socket_path).parent
+        assert work.name.startswith("fcnseg-image-test.")
+        assert not _alive(service), f"podman system service ({service}) outlived the test"
+        for pid in _lines(state / "run"):
+            assert not _alive(pid), f"podman run ({pid}) outlived the test"
+            # The test waited for it to stop its container (2 s), parent or not.
+            assert _lines(state / "run_stopped") == [pid]
+        assert not work.exists()
+        # Everything the engine listed under this run's labels, and only that, was removed.
+        tag = f"fcnseg-smoke-{proc.pid}"
+        expected = [["container", f"container-for-label=fcnseg.smoke={tag}"]] + [
+            [kind, f"{kind}-for-label=com.docker.compose.project={tag}"]
+            for kind in ("container", "network", "volume")
+        ]
+        assert sorted(_lines(state / "removed")) == sorted(expected)
+        assert "still running after the cleanup" not in err
+    finally:
+        _kill_leftovers(proc, state)
+
+
+def test_smoke_test_names_a_service_process_that_escaped_the_cleanup(tmp_path):
+    # Stopped, podman's service leaves a daemon behind that still names the test's socket.
+    proc = _start_with_fake_podman(SMOKE_TEST, tmp_path, FAKE_RUN="succeed", FAKE_SERVICE="escape")
+    state = tmp_path / "state"
+    try:
+        proc.wait(timeout=60)
+        err = (tmp_path / "output").read_text()
+        [escaped] = _lines(state / "escaped")
+        assert _alive(escaped)
+        assert proc.returncode == 1, err
+        assert "error: still running after the cleanup:" in err
+        assert re.search(rf"^\s*{escaped} .*podman\.sock$", err, flags=re.M), err
+    finally:
+        _kill_leftovers(proc, state)
+
+
+def test_smoke_test_stops_the_image_build_on_sigterm(tmp_path):
+    proc = _start_with_fake_podman(SMOKE_TEST, tmp_path, FAKE_RUN="succeed", FAKE_BUILD="hang")
+    state = tmp_path / "state"
+    try:
+        _wait_for(state / "build")
+        started = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+        err = (tmp_path / "output").read_text()
+        assert proc.returncode == 143, err
+        # At once: not when the build would have ended, nor after the 10 s grace for SIGKILL.
+        assert time.monotonic() - started < 10, err
+        [build] = _lines(state / "build")
+        assert not _alive(build), f"podman build ({build}) outlived the test"
+        assert not (state / "service").exists()  # the checks never started
+        assert "still running after the cleanup" not in err
+    finally:
+        _kill_leftovers(proc, state)
+
+
+# docker/lib.sh's way out, driven alone: a script that starts a service and registers its folder.
+LIB_DRIVER = """\
+set -euo pipefail
+source {lib}
+work=$(mktemp -d {tmp}/work.XXXXXX)
+on_exit 'rm -rf "${{work}}"'
+start_background "${{work}}/service.log" podman system service --time=0 "unix://${{work}}/api.sock"
+OWN_PATTERNS+=("${{work}}/api.sock")
+until [[ -S ${{work}}/api.sock ]]; do sleep 0.1; done
+{ending}
+"""
+
+
+@pytest.mark.parametrize(
+    ("ending", "status", "said"),
+    [
+        ("echo passed", 0, "passed"),
+        ("on_exit false", 1, "cleanup: failed: false"),
+        ("exit 7", 7, ""),
+    ],
+)
+def test_a_docker_script_stops_its_service_and_runs_its_steps_on_the_way_out(
+    tmp_path, ending, status, said
+):
+    script = tmp_path / "driver.sh"
+    script.write_text(
+        LIB_DRIVER.format(lib=ROOT / "docker" / "lib.sh", tmp=tmp_path, ending=ending)
+    )
+    proc = _start_with_fake_podman(script, tmp_path, FAKE_RUN="succeed")
+    state = tmp_path / "state"
+    try:
+        proc.wait(timeout=60)
+        out = (tmp_path / "output").read_text()
+        assert proc.returncode == status, out
+        assert said in out
+        [(service, socket_path)] = _lines(state / "service")
+        assert not _alive(service), f"the service ({service}) outlived the script"
+        assert not Path(socket_path).parent.exists()
+        assert "still running" not in out
+    finally:
+        _kill_leftovers(proc, state)
