@@ -11,14 +11,17 @@ palette, ignore index, normalisation, iteration and mIoU; ``fcnseg-evaluate`` an
 """
 
 import hydra
+from fcnseg_cli.scripts import reports_config_errors
 from omegaconf import DictConfig, OmegaConf
 
 from fcnseg.deploy import check_export_output, export_checkpoint
 from fcnseg.deploy.onnx import OnnxModel, compare_outputs
+from fcnseg.engine.calibration import dataset_images
 from fcnseg.errors import UserError
 from fcnseg.utils.cli import user_errors
 
 
+@reports_config_errors
 @hydra.main(version_base="1.3", config_path="../configs", config_name="export")
 def main(cfg: DictConfig) -> None:
     with user_errors("export.py"):
@@ -36,7 +39,7 @@ def main(cfg: DictConfig) -> None:
         done = export_checkpoint(
             cfg.checkpoint, cfg.output, format=cfg.format, overwrite=cfg.overwrite, **chosen,
             calibration_images=cfg.calibration_images, heldout_images=cfg.heldout_images,
-            dataset_root=cfg.dataset.root,
+            dataset_root=cfg.dataset.root, read_images=dataset_images,
         )  # fmt: skip
         path = done.path
         print(f"{cfg.checkpoint} exported to {path} ({path.stat().st_size / 2**20:.1f} MiB)")

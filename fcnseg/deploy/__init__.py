@@ -11,11 +11,12 @@ logits or labels, in float32 or INT8. ``load_for_inference`` is how ``scripts/ev
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from fcnseg.deploy.onnx import (
@@ -66,6 +67,11 @@ class Exported:
     splits: tuple[str, str] | None = None
 
 
+#: ``(config, *, split, count, input_size, source, dataset_root, skip) -> (images, names)``:
+#: images of a checkpoint's dataset at the export's input size, and their names.
+ImageReader = Callable[..., tuple[list[torch.Tensor], list[str]]]
+
+
 def export_checkpoint(
     checkpoint: str | Path,
     output: str | Path,
@@ -79,6 +85,7 @@ def export_checkpoint(
     calibration_images: int = 32,
     heldout_images: int = 8,
     dataset_root: str | None = None,
+    read_images: ImageReader | None = None,
 ) -> Exported:
     """Exports a training checkpoint's model, with its ``ModelInfo`` and training config.
 
@@ -102,6 +109,8 @@ def export_checkpoint(
         calibration_images: training images that calibrate the INT8 activation ranges.
         heldout_images: validation images on which INT8's labels are compared with float32's.
         dataset_root: where the checkpoint's dataset is now, if it moved since training.
+        read_images: reads the calibration and held-out images of the checkpoint's dataset
+            (``fcnseg.engine.calibration.dataset_images``); needed for ``quantize``.
 
     Raises:
         UserError: an unknown format or option, an existing output without ``overwrite``, an
@@ -122,7 +131,11 @@ def export_checkpoint(
     options.update(input_size=input_size, outputs=outputs)
     if quantize is None:
         return Exported(export_onnx(model, output, **options), model)
-    from fcnseg.deploy.quantize import dataset_images, label_agreement, quantize_onnx
+    from fcnseg.deploy.quantize import label_agreement, quantize_onnx
+
+    if read_images is None:
+        raise UserError("quantize=int8 needs calibration images: pass read_images")
+    dataset_images = read_images
 
     size = check_export_options(input_size=input_size, quantize=quantize)
     source = f"checkpoint {checkpoint}"

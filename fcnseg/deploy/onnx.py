@@ -44,6 +44,8 @@ from torch import nn
 
 from fcnseg.errors import UserError
 from fcnseg.models.builder import ModelInfo
+from fcnseg.models.description import KEY as DESCRIPTION_KEY
+from fcnseg.models.description import ModelDescription
 from fcnseg.models.layers import (
     FullyConnectedConv2d,
     max_pool2d_window_argmax,
@@ -83,8 +85,13 @@ def require(module: str, purpose: str) -> types.ModuleType:
 
 
 # ---------------------------------------------------------------------------- metadata
-def info_metadata(info: ModelInfo, config: Mapping[str, Any] | None = None) -> dict[str, str]:
-    """``info`` (and the training ``config``) as ONNX ``metadata_props``: strings only."""
+def info_metadata(
+    info: ModelInfo,
+    config: Mapping[str, Any] | None = None,
+    description: ModelDescription | None = None,
+) -> dict[str, str]:
+    """``info`` (the model's ``description`` and the training ``config``) as ONNX
+    ``metadata_props``: strings only."""
     n = info.normalization
     meta = {
         "class_names": json.dumps(list(info.class_names)),
@@ -103,6 +110,8 @@ def info_metadata(info: ModelInfo, config: Mapping[str, Any] | None = None) -> d
     }
     if info.miou is not None:
         meta["miou"] = repr(info.miou)
+    if description is not None:
+        meta[DESCRIPTION_KEY] = json.dumps(description.to_dict())
     if config is not None:
         meta["config"] = json.dumps(config)
     return meta
@@ -113,27 +122,42 @@ def info_from_metadata(
 ) -> tuple[ModelInfo, dict[str, Any] | None]:
     """The ``ModelInfo`` and training config that ``info_metadata`` wrote.
 
+    The model description (``model_description``, or the ``config`` of files exported before
+    it) is checked as a checkpoint's is (``ModelDescription``): a file naming anything but
+    fcnseg's own builders is refused. Its classes and normalisation are those of the info.
+
     Raises:
-        UserError: the metadata lack fcnseg's keys (a file not exported by fcnseg).
+        UserError: the metadata lack fcnseg's keys (a file not exported by fcnseg), or describe
+            a model that is not fcnseg's.
     """
     missing = [key for key in ("class_names", "normalize") if key not in meta]
     if missing:
         raise UserError(
             f"{source} has no {' or '.join(missing)} in its metadata: it was not exported by "
-            "fcnseg (scripts/export.py), so its classes and input normalisation are unknown"
+            "fcnseg (fcnseg-export), so its classes and input normalisation are unknown"
         )
+    description = ModelDescription.from_metadata(meta, source=str(source))
     try:
-        info = ModelInfo.create(
-            class_names=json.loads(meta["class_names"]),
-            palette=json.loads(meta["palette"]) if "palette" in meta else None,
-            ignore_index=int(meta.get("ignore_index", 255)),
-            normalize=meta["normalize"],
-            iteration=int(meta.get("iteration", 0)),
-            miou=float(meta["miou"]) if "miou" in meta else None,
-        )
+        if description is not None:
+            info = ModelInfo.from_description(
+                description,
+                iteration=int(meta.get("iteration", 0)),
+                miou=float(meta["miou"]) if "miou" in meta else None,
+            )
+        else:
+            info = ModelInfo.create(
+                class_names=json.loads(meta["class_names"]),
+                palette=json.loads(meta["palette"]) if "palette" in meta else None,
+                ignore_index=int(meta.get("ignore_index", 255)),
+                normalize=meta["normalize"],
+                iteration=int(meta.get("iteration", 0)),
+                miou=float(meta["miou"]) if "miou" in meta else None,
+            )
         config = json.loads(meta["config"]) if "config" in meta else None
     except (ValueError, TypeError) as err:
         raise UserError(f"{source}'s fcnseg metadata cannot be read ({err})") from err
+    if config is not None and not isinstance(config, dict):
+        raise UserError(f"{source}'s metadata 'config' is not a mapping")
     return info, config
 
 
@@ -238,7 +262,8 @@ def export_onnx(
     if fixed:  # a guard of the trace fixed an axis: the file would serve one size only
         raise RuntimeError(f"the exported graph has a fixed {', '.join(fixed)}")
     if info is not None:
-        program.model.metadata_props.update(info_metadata(info, config))
+        description = getattr(model, "description", None)
+        program.model.metadata_props.update(info_metadata(info, config, description))
     program.model.metadata_props.update(deploy_metadata(outputs=outputs, input_size=input_size))
     h, w = input_size or ("H", "W")
     program.model.doc_string = (
@@ -596,6 +621,7 @@ def load_onnx(path: str | Path, **options: Any) -> tuple[OnnxModel, dict[str, An
     if model.info is None:
         info_from_metadata({}, source=model.path)  # raises, naming what is missing
     info = model.info
+    check_output_classes(model)
     config = model.config or {}
     if "dataset" not in config:  # a file exported without the training config
         config = {
@@ -609,6 +635,31 @@ def load_onnx(path: str | Path, **options: Any) -> tuple[OnnxModel, dict[str, An
             },
         }
     return model, {"config": config, "iteration": info.iteration, "best_miou": info.miou}
+
+
+def check_output_classes(model: OnnxModel) -> None:
+    """Refuses a file whose graph scores another number of classes than its metadata name.
+
+    The output's channel dimension is read from the graph where it is fixed, else from one
+    forward pass on a small image (at the input's own size where that is fixed). A graph that
+    outputs labels (N, H, W) has no channel dimension to compare.
+
+    Raises:
+        UserError: the numbers differ.
+    """
+    output, image = model.session.get_outputs()[0], model.session.get_inputs()[0]
+    if len(output.shape) != 4:
+        return
+    channels = output.shape[1]
+    if not isinstance(channels, int):
+        size = [d if isinstance(d, int) else s for d, s in zip(image.shape, (1, 3, 32, 32))]
+        channels = model(torch.zeros(size)).shape[1]
+    if channels != model.info.num_classes:
+        raise UserError(
+            f"{model.path} outputs {channels} classes but its metadata name "
+            f"{model.info.num_classes} ({', '.join(model.info.class_names)}); the file is "
+            "inconsistent, re-export it from its checkpoint"
+        )
 
 
 def _existing(path: str | Path) -> Path:
