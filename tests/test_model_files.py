@@ -238,3 +238,9 @@ def test_description_of_a_newer_version_says_so():
     data = {"version": 99, "backbone": {"name": "vgg_tiny"}, "head": {"name": "fcn8s"}}
     with pytest.raises(UserError, match="version 99 .* upgrade fcnseg"):
         ModelDescription.from_dict(data, source="x")
+
+
+def test_an_onnx_file_given_as_checkpoint_says_how_to_run_it():
+    with pytest.raises(UserError, match=r"is an exported ONNX model, not a checkpoint; run it with "
+                       r"runtime=onnx model=.*fcn8s_vgg_tiny.onnx"):  # fmt: skip
+        fcnseg.load_model(V0 / "fcn8s_vgg_tiny.onnx")

@@ -217,9 +217,7 @@ def load_for_inference(
         raise UserError(f"runtime={runtime} is not one of {', '.join(RUNTIMES)}")
     if runtime == "onnx":
         if model is None:
-            raise UserError(
-                "runtime=onnx needs model=FILE.onnx, a file written by scripts/export.py"
-            )
+            raise UserError("runtime=onnx needs model=FILE.onnx, a file written by fcnseg-export")
         return load_onnx(model)
     if checkpoint is None:
         raise UserError("checkpoint=PATH is required (or runtime=onnx model=FILE.onnx)")

@@ -125,6 +125,11 @@ def load_weights_only(
     # torch.save writes a zip archive; before PyTorch 1.6 (and with pickle itself) a pickle,
     # whose protocol 2+ opcode is 0x80. Anything else (a text file, an image) is not a
     # checkpoint, and torch.load would only report an unknown opcode such as "101".
+    if path.suffix.lower() == ".onnx" and not head.startswith((b"PK\x03\x04", b"\x80")):
+        raise UserError(
+            f"{what} is an exported ONNX model, not a checkpoint; run it with runtime=onnx "
+            f"model={path}"
+        )
     if not head.startswith((b"PK\x03\x04", b"\x80")):
         raise UserError(f"{what} is not a readable PyTorch checkpoint file: {_not_torch(head)}")
     try:
