@@ -103,7 +103,7 @@ def resume_command() -> str:
         return [o for o in overrides if o.lstrip("+~").split("=", 1)[0] not in keys]
 
     args = without(hydra_cfg.overrides.task, "trainer.resume")
-    if hydra_cfg.mode.name == "MULTIRUN":
+    if getattr(hydra_cfg.mode, "name", None) == "MULTIRUN":  # None: a composed config
         here = ("hydra.mode", "hydra.sweep.dir", "hydra.sweep.subdir", "hydra.run.dir")
         args = ["-m", *without(hydra_cfg.overrides.hydra, *here), *args]
         args += [

@@ -40,6 +40,7 @@ PRESET_VALUES = {
     "cityscapes_fcn8s": ("sgd", "poly", 1e-3, 0.9, 5e-4, 40_000, 8, [512, 1024], 4000, 1000),
     "segnet_camvid": ("sgd", "constant", 1e-3, 0.9, 5e-4, 40_000, 4, None, 2000, 1000),
     "camvid_cpu": ("adamw", "poly", 2.5e-3, None, 1e-4, 3600, 8, 224, 3600, 500),
+    "camvid_mobilenet_cpu": ("adamw", "poly", 1e-3, None, 1e-4, 1200, 8, 224, 1200, 500),
 }
 
 
@@ -179,7 +180,11 @@ def test_presets_compose_as_before(preset, on_synthetic):
     assert (cfg.trainer.max_iters, cfg.trainer.batch_size) == (iters, batch)
     assert OmegaConf.to_container(cfg.dataset)["crop_size"] == crop
     assert (cfg.trainer.eval_interval, cfg.trainer.checkpoint_interval) == (every, save)
-    weighted = {"segnet_camvid": ("median_frequency", 1.0), "camvid_cpu": ("median_frequency", 0.5)}
+    weighted = {
+        "segnet_camvid": ("median_frequency", 1.0),
+        "camvid_cpu": ("median_frequency", 0.5),
+        "camvid_mobilenet_cpu": ("median_frequency", 0.5),
+    }
     assert (cfg.loss.class_weights, cfg.loss.class_weight_power) == weighted.get(
         preset, (None, 1.0)
     )
