@@ -213,10 +213,10 @@ def test_offline_pretrained_mobilenet_says_where_the_file_goes(monkeypatch, tmp_
     monkeypatch.setattr(MobileNet_V2_Weights.IMAGENET1K_V1.__class__, "get_state_dict", offline)
     with torch.device("meta"), pytest.raises(UserError) as err:
         backbones.mobilenet_v2(pretrained=True)
-    cached = tmp_path / "hub" / "checkpoints" / "mobilenet_v2-7ebf99e0.pth"
+    cached = tmp_path / "hub" / "checkpoints" / "mobilenet_v2-b0353104.pth"
     message = str(err.value)
     assert message.startswith("could not download torchvision's ImageNet mobilenet_v2 weights")
-    assert f"put {MobileNet_V2_Weights.DEFAULT.url} at {cached}," in message
+    assert f"put {MobileNet_V2_Weights.IMAGENET1K_V1.url} at {cached}," in message
     assert "\n" not in message
 
 
@@ -226,7 +226,7 @@ def test_pretrained_weights_record_the_cached_file(monkeypatch, tmp_path):
     from torchvision.models import MobileNet_V2_Weights
 
     state = random_state("mobilenet_v2", seed=3)
-    cached = tmp_path / "hub" / "checkpoints" / "mobilenet_v2-7ebf99e0.pth"
+    cached = tmp_path / "hub" / "checkpoints" / "mobilenet_v2-b0353104.pth"
     cached.parent.mkdir(parents=True)
     torch.save(state, cached)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
@@ -238,7 +238,7 @@ def test_pretrained_weights_record_the_cached_file(monkeypatch, tmp_path):
     backbone = backbones.mobilenet_v2(pretrained=True)
     _assert_loaded(backbone.state_dict(), state, {k: k for k in state})
     assert backbone.weights_source == (
-        f"torchvision's ImageNet mobilenet_v2 weights (mobilenet_v2-7ebf99e0.pth, sha256 "
+        f"torchvision's ImageNet mobilenet_v2 weights (mobilenet_v2-b0353104.pth, sha256 "
         f"{sha12(cached)})"
     )
 

@@ -190,12 +190,17 @@ def load_by_names(
     module.load_state_dict(mapped, strict=False)
 
 
+#: torchvision's ImageNet weights that ``pretrained=True`` loads where they are not its DEFAULT:
+#: MobileNetV2's original (V1) weights, those the CamVid recipe's figures were measured from.
+TORCHVISION_WEIGHTS = {"mobilenet_v2": "IMAGENET1K_V1"}
+
+
 def torchvision_state_dict(arch: str) -> tuple[dict[str, torch.Tensor], Path]:
-    """torchvision's default ImageNet weights of ``arch``, from the torch hub cache or the web,
-    and the cached file they were read from."""
+    """torchvision's ImageNet weights of ``arch`` (its default, or ``TORCHVISION_WEIGHTS``'s),
+    from the torch hub cache or the web, and the cached file they were read from."""
     from torchvision.models import get_model_weights
 
-    weights = get_model_weights(arch).DEFAULT
+    weights = getattr(get_model_weights(arch), TORCHVISION_WEIGHTS.get(arch, "DEFAULT"))
     cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
     try:
         return weights.get_state_dict(progress=True, check_hash=True), cached
