@@ -98,7 +98,16 @@ def test_non_finite_weights_are_never_saved(tmp_path):
     assert path.read_bytes() == before
 
 
-def test_a_repeated_signal_is_one_request_and_a_late_one_aborts():
+@pytest.fixture
+def terminal_sigint():
+    """Python's Ctrl-C handler, as in a terminal: a suite started in the background by a
+    non-interactive shell inherits SIGINT ignored."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_a_repeated_signal_is_one_request_and_a_late_one_aborts(terminal_sigint):
     log = logging.getLogger("test_preemption")
     with StopSignals(log, repeat_window=60) as signals:
         os.kill(os.getpid(), signal.SIGINT)

@@ -108,7 +108,14 @@ def submitting(tmp_path, *overrides: str, sbatch: str, sacct: str = "exit 1"):
     return subprocess.Popen(
         [sys.executable, str(SCRIPTS / "train.py"), "-m", "hydra/launcher=slurm", *overrides],
         cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=_default_sigint,
     )  # fmt: skip
+
+
+def _default_sigint() -> None:
+    # A suite started in the background by a non-interactive shell ignores SIGINT, and so would
+    # the command it starts; a terminal's Ctrl-C reaches a command with the default.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def test_submitting_says_which_jobs_where_and_how_to_follow_them(tmp_path):
