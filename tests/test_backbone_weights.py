@@ -12,6 +12,7 @@ import pytest
 import torch
 import torchvision
 from conftest import TINY_RUN, run_script
+from test_resume import one_thread  # noqa: F401 - autouse fixture
 
 import fcnseg
 from fcnseg.errors import UserError
@@ -20,14 +21,6 @@ from fcnseg.models.backbones.weights import RANDOM_INIT
 from fcnseg.utils.checkpoint import save_checkpoint
 
 COUNTER = "num_batches_tracked"
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def random_state(arch: str, seed: int = 0) -> dict[str, torch.Tensor]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torchvision
+from test_resume import one_thread  # noqa: F401 - autouse fixture
 from torch import nn
 
 from fcnseg.errors import UserError
@@ -15,15 +16,6 @@ from fcnseg.models.convert import classify, fully_convolutional
 
 FCN_HEADS = sorted(n for n in heads.__all__ if n.startswith("fcn"))
 NEW = ("mobilenet_v2", "resnet18", "resnet34")
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small models on a shared 2-core machine: a second intra-op thread only waits."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def randomised(model: nn.Module, seed: int = 0) -> nn.Module:
