@@ -95,6 +95,18 @@ def test_without_replace_an_existing_file_is_kept(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json", "new.json"]
 
 
+@pytest.mark.parametrize("replace", [True, False])
+def test_a_file_in_place_of_the_folder_is_one_sentence(tmp_path, replace):
+    (tmp_path / "runs").write_text("a file")
+    path = tmp_path / "runs" / "metrics" / "out.json"
+    with pytest.raises(AtomicWriteError) as err:
+        write_atomic(path, "{}", replace=replace)
+    assert str(err.value) == (
+        f"cannot write {path} ({tmp_path / 'runs'} is a file, not a folder); nothing was written"
+    )
+    assert [p.name for p in tmp_path.iterdir()] == ["runs"]
+
+
 def test_the_temporary_pattern_matches_the_temporary_name(tmp_path):
     path = tmp_path / "best.pt"
     with atomic_path(path) as tmp:

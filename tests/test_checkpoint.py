@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from fcnseg.errors import UserError
+from fcnseg.utils.atomic import temporary_pattern
 from fcnseg.utils.checkpoint import (
     load_checkpoint,
     load_weights_only,
@@ -152,7 +153,7 @@ def test_sigkill_during_repeated_saves_always_leaves_a_loadable_last_pt(tmp_path
         os.kill(child.pid, signal.SIGKILL)
         child.join()
         assert child.exitcode == -signal.SIGKILL
-        killed_mid_save += any(tmp_path.glob(".last.pt.*.tmp"))
+        killed_mid_save += any(tmp_path.glob(temporary_pattern(path)))
         ckpt = load_checkpoint(path)
         assert torch.all(ckpt["model"]["w"] == ckpt["iteration"])
         assert ckpt["iteration"] >= 1

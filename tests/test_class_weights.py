@@ -117,6 +117,16 @@ def test_an_unreadable_cache_is_recounted(tmp_path):
     assert json.loads(path.read_text())["weights"] == pytest.approx(WEIGHTS)
 
 
+def test_a_cache_that_cannot_be_written_still_gives_the_weights(tmp_path, caplog):
+    (tmp_path / "cache").write_text("a file where the cache folder should be")
+    data = Masks(MASKS)
+    kwargs = dict(num_classes=4, ignore_index=IGNORE, identity={}, cache_dir=tmp_path / "cache")
+    with caplog.at_level("WARNING"):
+        assert cached_median_frequency(data, **kwargs) == pytest.approx(WEIGHTS)
+    assert f"{tmp_path / 'cache'} is a file, not a folder" in caplog.text
+    assert [p.name for p in tmp_path.iterdir()] == ["cache"]
+
+
 def test_a_bad_label_names_its_file(tmp_path):
     data = Masks([[[0, 1]], [[0, 7]]], names=["good.png", "bad.png"])
     with pytest.raises(UserError, match="bad.png: label value 7"):

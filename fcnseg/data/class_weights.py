@@ -27,6 +27,7 @@ import numpy as np
 
 from fcnseg.data.base import SegmentationDataset
 from fcnseg.errors import UserError
+from fcnseg.utils.atomic import write_atomic
 from fcnseg.utils.logging import get_logger, progress
 
 MEDIAN_FREQUENCY = "median_frequency"
@@ -170,14 +171,11 @@ def cached_median_frequency(
         "weights": weights,
     }
     try:
-        folder.mkdir(parents=True, exist_ok=True)
         # Written whole then renamed, so concurrent processes never read half a file.
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(record, indent=2, default=str))
-        os.replace(tmp, path)
+        write_atomic(path, json.dumps(record, indent=2, default=str))
         log.info("median-frequency class weights (cached in %s): %s", path, _fmt(weights))
-    except OSError as err:
-        log.warning("could not cache the class weights in %s (%s)", path, err)
+    except OSError as err:  # the weights are used all the same, only not cached
+        log.warning("could not cache the class weights (%s)", err)
     return weights
 
 

@@ -62,6 +62,7 @@ def atomic_path(path: str | Path, *, replace: bool = True) -> Iterator[Path]:
     """
     path = Path(path)
     tmp: Path | None = None
+    taken = False  # replace is false and a file has the name
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, name = tempfile.mkstemp(
@@ -79,15 +80,15 @@ def atomic_path(path: str | Path, *, replace: bool = True) -> Iterator[Path]:
             os.replace(tmp, path)
             tmp = None
         else:
-            _link_new(tmp, path)  # the temporary name is removed below
-    except FileExistsError:
-        raise
+            taken = not _link_new(tmp, path)  # the temporary name is removed below
     except OSError as err:
         raise AtomicWriteError(err.errno, _failure(path, err)) from err
     finally:
         if tmp is not None:
             with contextlib.suppress(OSError):
                 tmp.unlink()
+    if taken:
+        raise FileExistsError(errno.EEXIST, "file exists; it is kept", str(path))
     _fsync_folder(path.parent)
 
 
@@ -103,21 +104,25 @@ def write_atomic(path: str | Path, data: bytes | str, *, replace: bool = True) -
     return Path(path)
 
 
-def _link_new(tmp: Path, path: Path) -> None:
-    """Gives the file ``tmp`` the name ``path`` unless a file has that name."""
+def _link_new(tmp: Path, path: Path) -> bool:
+    """Gives the file ``tmp`` the name ``path`` unless a file has that name (then false)."""
     try:
         os.link(tmp, path)  # unlike a rename, a link never replaces a file
     except FileExistsError:
-        raise FileExistsError(errno.EEXIST, "file exists", str(path)) from None
+        return False
     except OSError:  # a file system without hard links: check, then rename
         if path.exists() or path.is_symlink():
-            raise FileExistsError(errno.EEXIST, "file exists", str(path)) from None
+            return False
         os.replace(tmp, path)
+    return True
 
 
 def _failure(path: Path, err: OSError) -> str:
     kept = f"the previous {path.name} is unchanged" if path.is_file() else "nothing was written"
-    if err.errno == errno.ENOSPC:
+    blocker = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        why = f"{blocker} is a file, not a folder"
+    elif err.errno == errno.ENOSPC:
         try:
             free = f"{shutil.disk_usage(path.parent).free / 2**20:.0f} MB free"
         except OSError:

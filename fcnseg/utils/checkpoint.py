@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import os
 import pickle
 import random
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +18,7 @@ import numpy as np
 import torch
 
 from fcnseg.errors import UserError
+from fcnseg.utils.atomic import AtomicWriteError, atomic_path, temporary_pattern
 
 
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
@@ -35,36 +34,19 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
             names the file, the reason, and says that the previous file is intact.
     """
     path = Path(path)
-    tmp = None
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        with os.fdopen(fd, "wb") as f:
-            # mkstemp makes the file private (0600); give it the mode any new file would get.
-            os.fchmod(f.fileno(), 0o666 & ~_umask())
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as err:
-        if tmp is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-        if isinstance(err, OSError | RuntimeError):  # torch.save's writer raises RuntimeError
-            raise UserError(_save_failure(state, path, err)) from err
-        raise
-    with contextlib.suppress(OSError):  # make the rename itself durable
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    for stale in path.parent.glob(f".{path.name}.*.tmp"):
+        with atomic_path(path) as tmp:
+            torch.save(state, tmp)
+    except (OSError, RuntimeError) as err:  # torch.save's writer raises RuntimeError
+        raise UserError(_save_failure(state, path, err)) from err
+    for stale in path.parent.glob(temporary_pattern(path)):
         with contextlib.suppress(OSError):
             stale.unlink()
 
 
 def _save_failure(state: Any, path: Path, err: BaseException) -> str:
+    if isinstance(err, AtomicWriteError) and err.__cause__ is not None:
+        err = err.__cause__  # its own sentence lacks the checkpoint's size
     kept = f"the previous {path.name} is intact" if path.is_file() else "nothing was written"
     needed = sum(t.numel() * t.element_size() for t in _tensors(state))
     try:
@@ -88,12 +70,6 @@ def _tensors(value: Any):
     elif isinstance(value, list | tuple):
         for item in value:
             yield from _tensors(item)
-
-
-def _umask() -> int:
-    mask = os.umask(0)  # reading the umask means setting it
-    os.umask(mask)
-    return mask
 
 
 def load_weights_only(
