@@ -21,8 +21,8 @@ from fcnseg.errors import UserError
 from fcnseg.metrics import format_table
 from fcnseg.utils.cli import user_errors
 from fcnseg.utils.distributed import cleanup, get_info
-from fcnseg.utils.export import check_evaluation_outputs, write_json
 from fcnseg.utils.logging import setup_logging
+from fcnseg.utils.outputs import check_evaluation_outputs, write_json
 
 
 @reports_config_errors

@@ -18,8 +18,8 @@ from omegaconf import DictConfig
 
 from fcnseg.data.inspection import format_report, inspect_dataset, problems, write_overlays
 from fcnseg.utils.cli import user_errors
-from fcnseg.utils.export import check_output_dir, check_output_file
 from fcnseg.utils.logging import setup_logging
+from fcnseg.utils.outputs import check_output_dir, check_output_file
 
 
 @reports_config_errors

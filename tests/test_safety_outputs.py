@@ -21,7 +21,7 @@ from fcnseg.data import CamVid
 from fcnseg.data.predictions import PredictionWriter
 from fcnseg.engine.predictor import check_prediction_paths, predict_images
 from fcnseg.errors import UserError
-from fcnseg.utils.export import check_evaluation_outputs, write_json
+from fcnseg.utils.outputs import check_evaluation_outputs, write_json
 
 CPU = ["trainer.device=cpu", "trainer.num_workers=0"]
 

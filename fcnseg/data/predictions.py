@@ -17,8 +17,9 @@ import torch
 from PIL import Image
 
 from fcnseg.data.cityscapes import train_ids_to_label_ids
+from fcnseg.data.io import save_label_png
 from fcnseg.errors import UserError
-from fcnseg.utils.export import check_output_dir, save_label_png
+from fcnseg.utils.outputs import check_output_dir
 from fcnseg.utils.visualize import Palette
 
 FORMATS = ("png", "cityscapes")

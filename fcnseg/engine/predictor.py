@@ -12,15 +12,15 @@ import torch
 from PIL import Image
 from torch import nn
 
-from fcnseg.data.io import CorruptFileError, read_image
+from fcnseg.data.io import CorruptFileError, read_image, save_label_png
 from fcnseg.data.transforms import build_transforms
 from fcnseg.engine.inference import Inference
 from fcnseg.engine.runtime import Runtime
 from fcnseg.errors import UserError
 from fcnseg.models.builder import ModelInfo, load_model
-from fcnseg.utils.export import check_output_dir, list_images, save_label_png
-from fcnseg.utils.image_files import as_shown, exif_orientation
+from fcnseg.utils.image_files import as_shown, exif_orientation, list_images
 from fcnseg.utils.logging import progress
+from fcnseg.utils.outputs import check_output_dir
 from fcnseg.utils.visualize import Palette, overlay
 
 #: What ``Predictor`` takes as an image: an (H, W, 3) uint8 RGB array (or (H, W) grey, or

@@ -1,5 +1,5 @@
-"""Which files are images (the suffixes that dataset folders and prediction inputs list), and
-how a photograph is turned to be seen as viewers show it."""
+"""Which files are images (the suffixes that dataset folders and prediction inputs list), the
+images of a folder, and how a photograph is turned to be seen as viewers show it."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import ExifTags, Image
+
+from fcnseg.errors import UserError
 
 #: lower-case suffixes of the formats OpenCV and Pillow both decode.
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm")
@@ -46,3 +48,16 @@ def as_shown(pixels: np.ndarray, orientation: int) -> np.ndarray:
     if method is None:
         return pixels
     return np.asarray(Image.fromarray(pixels).transpose(method))
+
+
+def list_images(path: str | Path) -> list[Path]:
+    """``path`` itself if it is a file, else the images below it (recursively), sorted."""
+    path = Path(path)
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        raise UserError(f"input {path} does not exist")
+    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise UserError(f"input {path} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+    return files

@@ -1,67 +1,25 @@
-"""Predictions on disk: palette PNG label maps, image listings, and checks of output paths.
+"""Where outputs may go, checked before anything is computed, and how they are written.
 
-Label maps are written losslessly at the input's exact size: a palette ("P" mode) PNG stores
-the class index of every pixel and shows the class colours in any image viewer. Writing in a
-dataset's own format (Cityscapes label IDs) is ``fcnseg.data.predictions``'s job, since it
-needs the dataset's tables.
+An output never goes among the files it is computed from (a dataset's images, the ground truth
+they are scored against), nor over the checkpoint or model it was computed with, nor over a
+file of an earlier run unless the user says to replace it. The checks run before the work, so
+that a refusal never follows an hour of it.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import io
 import json
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
 from PIL import Image
 
 from fcnseg.errors import UserError
-from fcnseg.utils.image_files import IMAGE_SUFFIXES
-from fcnseg.utils.visualize import Palette, full_palette
-
-
-def _numpy(labels: torch.Tensor | np.ndarray) -> np.ndarray:
-    return labels.cpu().numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
-
-
-def save_label_png(
-    labels: torch.Tensor | np.ndarray, path: str | Path, *, colors: Palette | None = None
-) -> None:
-    """Writes (H, W) class indices in [0, 255] as a palette PNG (W x H pixels)."""
-    labels = _numpy(labels)
-    if labels.size and (labels.min() < 0 or labels.max() > 255):
-        raise ValueError(f"labels in [{labels.min()}, {labels.max()}] do not fit a palette PNG")
-    image = Image.fromarray(labels.astype(np.uint8))  # "L"; a palette makes it "P"
-    image.putpalette(full_palette(colors).flatten().tolist())
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    image.save(path)
-
-
-def read_label_png(path: str | Path) -> np.ndarray:
-    """The (H, W) indices of a palette or grey PNG (the palette is not applied)."""
-    with Image.open(path) as image:
-        return np.asarray(image)
-
-
-def list_images(path: str | Path) -> list[Path]:
-    """``path`` itself if it is a file, else the images below it (recursively), sorted."""
-    path = Path(path)
-    if path.is_file():
-        return [path]
-    if not path.is_dir():
-        raise UserError(f"input {path} does not exist")
-    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-    if not files:
-        raise UserError(f"input {path} holds no images ({', '.join(IMAGE_SUFFIXES)})")
-    return files
+from fcnseg.utils.atomic import AtomicWriteError, atomic_path
 
 
 def refuse_overlap(
@@ -286,52 +244,24 @@ def write_json(data: Any, path: str | Path, *, key: str = "out", overwrite: bool
     """Writes ``data`` as indented JSON to ``path`` atomically, never over a file unless
     ``overwrite``.
 
-    The text goes to a temporary file in the same folder, which then takes the name: a killed
-    process leaves the previous file or none, never half a file. Without ``overwrite`` the name
-    is taken by a hard link, which fails where a file of that name appeared in the meantime
-    (another program's), and the file is kept.
+    The text goes to a temporary file in the same folder, which then takes the name
+    (``fcnseg.utils.atomic``): a killed process leaves the previous file or none, never half a
+    file. Without ``overwrite`` the name is taken by a hard link, which fails where a file of
+    that name appeared in the meantime (another program's), and that file is kept.
 
     Raises:
         UserError: ``path`` exists (without ``overwrite``), or it could not be written; the
             message names ``key``.
     """
     path = Path(path).expanduser()
-    tmp = None
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        with os.fdopen(fd, "w") as f:
-            # mkstemp makes the file private (0600); give it the mode any new file would get.
-            umask = os.umask(0)
-            os.umask(umask)
-            os.fchmod(f.fileno(), 0o666 & ~umask)
-            json.dump(data, f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
-        if overwrite:
-            os.replace(tmp, path)
-            tmp = None
-        else:
-            _link_new(tmp, path, key=key)
-    except OSError as err:
-        raise UserError(f"{key}={path} could not be written: {err.strerror or err}") from None
-    finally:
-        if tmp is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-    return path
-
-
-def _link_new(tmp: str, path: Path, *, key: str) -> None:
-    """Gives the file ``tmp`` the name ``path`` unless a file has that name."""
-    try:
-        os.link(tmp, path)  # unlike a rename, a link never replaces a file
+        with atomic_path(path, replace=overwrite) as tmp:
+            tmp.write_text(json.dumps(data, indent=2))
     except FileExistsError:
-        pass
-    except OSError:  # a file system without hard links: check, then rename
-        if not (path.exists() or path.is_symlink()):
-            os.replace(tmp, path)
-            return
-    else:
-        return
-    raise UserError(f"{key}={path} appeared while this ran; it is kept and nothing was written")
+        raise UserError(
+            f"{key}={path} appeared while this ran; it is kept and nothing was written"
+        ) from None
+    except AtomicWriteError as err:
+        why = getattr(err.__cause__, "strerror", None) or err
+        raise UserError(f"{key}={path} could not be written: {why}") from None
+    return path
