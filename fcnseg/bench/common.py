@@ -27,20 +27,17 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from fcnseg.engine.runtime import CPU_BF16_FLAGS, Runtime, cpu_flags, hardware_precision
+from fcnseg.engine.runtime import CPU_BF16_FLAGS, Runtime, hardware_precision
 from fcnseg.errors import UserError
+from fcnseg.utils.cpu import cpu_flags, cpu_model_name
 
 
 # ---------------------------------------------------------------------------- the machine
 def environment(device: torch.device | str = "cpu") -> dict[str, Any]:
     """The hardware and software a measurement ran on."""
     device = torch.device(device)
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        found = re.search(r"model name\s*:\s*(.+)", Path("/proc/cpuinfo").read_text())
-        cpu = found.group(1).strip() if found else cpu
     env: dict[str, Any] = {
-        "cpu": cpu,
+        "cpu": cpu_model_name() or platform.processor() or platform.machine(),
         "cpu_cores": len(os.sched_getaffinity(0))
         if hasattr(os, "sched_getaffinity")
         else os.cpu_count(),

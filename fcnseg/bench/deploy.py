@@ -17,6 +17,7 @@ from torch import nn
 
 from fcnseg.bench.common import count_flops, make_report, summarize, time_calls, use_threads
 from fcnseg.errors import UserError
+from fcnseg.utils.cpu import cpu_flags
 
 VARIANTS = ("eager_fp32", "eager_bf16", "onnxruntime_fp32", "onnxruntime_int8")
 
@@ -174,19 +175,7 @@ def _measure(
 
 def _cpu_flags() -> list[str]:
     """The CPU's vector and matrix extensions that decide these speeds (AVX-512, VNNI, BF16,
-    AMX), from ``/proc/cpuinfo``."""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                flags = line.split(":", 1)[1].split()
-                keep = (
-                    "avx2",
-                    "avx512f",
-                    "avx512_vnni",
-                    "avx512_bf16",
-                    "amx_bf16",
-                    "amx_int8",
-                    "avx_vnni",
-                )
-                return [f for f in keep if f in flags]
-    return []
+    AMX), from ``/proc/cpuinfo`` (none where it cannot be read)."""
+    flags = cpu_flags() or frozenset()
+    keep = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8", "avx_vnni")
+    return [f for f in keep if f in flags]

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from fcnseg.errors import UserError
+from fcnseg.utils.cpu import cpu_flags
 from fcnseg.utils.distributed import (
     DistInfo,
     all_gather_object,
@@ -117,16 +118,6 @@ def _restride_grad(param: torch.Tensor) -> None:
 
 # The x86 instructions that compute bfloat16 natively (Linux's /proc/cpuinfo names).
 CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
-
-
-def cpu_flags() -> set[str] | None:
-    """This CPU's feature flags from Linux's /proc/cpuinfo (``None`` where it cannot be read)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            line = next((line for line in f if line.startswith("flags")), "")
-    except OSError:
-        return None
-    return set(line.partition(":")[2].split())
 
 
 def cpu_has_bf16() -> bool:
