@@ -15,7 +15,7 @@ from fcnseg_cli.scripts import reports_config_errors
 from omegaconf import DictConfig, OmegaConf
 
 from fcnseg.deploy import check_export_output, export_checkpoint
-from fcnseg.deploy.onnx import OnnxModel, compare_outputs
+from fcnseg.deploy.session import OnnxModel, compare_outputs
 from fcnseg.engine.calibration import dataset_images
 from fcnseg.errors import UserError
 from fcnseg.utils.cli import user_errors

@@ -94,7 +94,7 @@ class SmallVGG(torch.nn.Module):
 def test_onnx_export_classifies_any_size(tmp_path):
     pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")
-    from fcnseg.deploy.onnx import OnnxModel, export_onnx
+    from fcnseg.deploy import OnnxModel, export_onnx
 
     torch.manual_seed(0)
     small = SmallVGG().eval()

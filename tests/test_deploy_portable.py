@@ -11,14 +11,10 @@ from test_evaluate import make_checkpoint, val_set
 
 import fcnseg
 from fcnseg.data import SyntheticShapes, build_transforms
-from fcnseg.deploy.onnx import (
-    OPSETS,
-    OnnxModel,
-    check_export_options,
-    convert_opset,
-    export_onnx,
-)
+from fcnseg.deploy.export import check_export_options, export_onnx
+from fcnseg.deploy.portable import OPSETS, convert_opset
 from fcnseg.deploy.quantize import label_agreement, quantize_onnx
+from fcnseg.deploy.session import OnnxModel
 from fcnseg.engine.inference import Inference
 from fcnseg.errors import UserError
 

@@ -12,10 +12,15 @@ from PIL import Image
 from test_evaluate import make_checkpoint, val_set
 
 import fcnseg
-from fcnseg.deploy import check_export_output, load_for_inference
-from fcnseg.deploy.onnx import OnnxModel, export_onnx, read_metadata
+from fcnseg.deploy import (
+    OnnxModel,
+    check_export_output,
+    export_onnx,
+    load_for_inference,
+    read_metadata,
+)
 from fcnseg.errors import UserError
-from fcnseg.models.builder import ModelInfo
+from fcnseg.models.info import ModelInfo
 from fcnseg.utils.checkpoint import load_checkpoint, save_checkpoint
 from fcnseg.utils.normalization import NORMALIZATIONS
 from fcnseg.utils.visualize import palette

@@ -18,8 +18,9 @@ from PIL import Image
 import fcnseg
 from fcnseg.data.trusted import dataset_builder
 from fcnseg.errors import UserError
-from fcnseg.models.builder import build_from_description, build_model, describe, load_trained
-from fcnseg.models.description import KEY, ModelDescription
+from fcnseg.models.builder import build_from_description, build_model
+from fcnseg.models.description import KEY, ModelDescription, describe
+from fcnseg.models.loading import load_trained
 
 V0 = Path(__file__).parent / "data" / "model_files" / "v0"
 CPU = ["trainer.device=cpu", "trainer.num_workers=0"]
@@ -244,3 +245,54 @@ def test_an_onnx_file_given_as_checkpoint_says_how_to_run_it():
     with pytest.raises(UserError, match=r"is an exported ONNX model, not a checkpoint; run it with "
                        r"runtime=onnx model=.*fcn8s_vgg_tiny.onnx"):  # fmt: skip
         fcnseg.load_model(V0 / "fcn8s_vgg_tiny.onnx")
+
+
+# ---------------------------------------------------------------------------- opening
+@pytest.mark.parametrize(
+    ("name", "renamed", "kind"),
+    [("fcn8s_vgg_tiny.pt", "weights.onnx", "torch"), ("fcn8s_vgg_tiny.onnx", "model.pt", "onnx")],
+)
+def test_open_model_goes_by_the_files_content_not_its_name(tmp_path, name, renamed, kind):
+    """A checkpoint named ``.onnx`` and an exported model named ``.pt`` open in their own
+    runtime and predict the labels their original files were written with."""
+    pytest.importorskip("onnxruntime")
+    from fcnseg.deploy import OnnxModel, open_model
+
+    path = tmp_path / renamed
+    path.write_bytes((V0 / name).read_bytes())
+    model, record = open_model(path)
+    assert isinstance(model, OnnxModel) == (kind == "onnx")
+    if kind == "torch":  # the classes as the file itself stores them
+        names = torch.load(V0 / name, weights_only=True)["config"]["dataset"]["class_names"]
+    else:
+        onnx = pytest.importorskip("onnx")
+        meta = {p.key: p.value for p in onnx.load(str(V0 / name)).metadata_props}
+        names = json.loads(meta["class_names"])
+    assert list(model.info.class_names) == names
+    assert record["config"]["dataset"]["class_names"] == names
+    labels = fcnseg.Predictor(model)(np.asarray(Image.open(V0 / "image.png")))
+    expected = np.load(V0 / "expected.npz")[f"{name.replace('.', '_')}_labels"]
+    np.testing.assert_array_equal(labels, expected)
+
+
+def test_open_model_refuses_a_file_given_to_the_other_runtime(tmp_path):
+    pytest.importorskip("onnxruntime")
+    from fcnseg.deploy import load_for_inference, open_model
+
+    ckpt = V0 / "fcn8s_vgg_tiny.pt"
+    said = r"is a PyTorch checkpoint, not an exported ONNX model; run it with runtime=torch "
+    said += r"checkpoint=.*fcn8s_vgg_tiny.pt"
+    for call in (
+        lambda: open_model(ckpt, runtime="onnx"),
+        lambda: load_for_inference(runtime="onnx", model=ckpt),
+    ):
+        with pytest.raises(UserError, match=said):
+            call()
+    with pytest.raises(UserError, match=r"not a checkpoint; run it with runtime=onnx model="):
+        open_model(V0 / "fcn8s_vgg_tiny.onnx", runtime="torch")
+    with pytest.raises(UserError, match=r"^runtime=tensorrt is not one of torch, onnx$"):
+        open_model(ckpt, runtime="tensorrt")
+    with pytest.raises(UserError, match=r"checkpoint .*none\.pt does not exist"):
+        open_model(tmp_path / "none.pt")
+    with pytest.raises(UserError, match=r"none\.onnx does not exist or is not a file"):
+        open_model(tmp_path / "none.onnx")

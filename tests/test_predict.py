@@ -17,7 +17,7 @@ from fcnseg.data.io import read_image
 from fcnseg.engine.inference import Inference
 from fcnseg.engine.predictor import Predictor, predict_images
 from fcnseg.errors import UserError
-from fcnseg.models.builder import ModelInfo
+from fcnseg.models.info import ModelInfo
 from fcnseg.utils.visualize import palette
 
 # Odd sizes (width, height), an RGBA PNG, a JPEG and a grey BMP, one in a subfolder.

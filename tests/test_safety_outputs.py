@@ -227,8 +227,8 @@ def test_evaluate_never_writes_over_the_checkpoint_even_when_told(camvid, tmp_pa
 def test_evaluate_never_writes_over_the_exported_model(camvid, tmp_path):
     pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")
-    from fcnseg.deploy.onnx import export_onnx
-    from fcnseg.models.builder import load_trained
+    from fcnseg.deploy.export import export_onnx
+    from fcnseg.models.loading import load_trained
 
     model, ckpt = load_trained(camvid[0] / "model.pt")
     onnx_file = export_onnx(model, tmp_path / "model.onnx", info=model.info, config=ckpt["config"])

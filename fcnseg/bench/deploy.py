@@ -72,7 +72,7 @@ def time_deployment(
     with contextlib.ExitStack() as stack:
         files = {}
         if any(v.startswith("onnxruntime") for v in variants):
-            from fcnseg.deploy.onnx import export_onnx
+            from fcnseg.deploy.export import export_onnx
 
             folder = Path(stack.enter_context(tempfile.TemporaryDirectory()))
             files["onnxruntime_fp32"] = export_onnx(
@@ -131,7 +131,7 @@ def _measure(
 ) -> tuple[list[dict[str, Any]], dict[str, float]]:
     """The result rows (named ``VARIANT@Nt``) and images per second of every variant at
     ``threads`` threads."""
-    from fcnseg.deploy.onnx import OnnxModel
+    from fcnseg.deploy.session import OnnxModel
 
     use_threads(threads)
     nets: dict[str, Any] = {v: model for v in variants if v.startswith("eager")}

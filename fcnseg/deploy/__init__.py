@@ -3,9 +3,15 @@ onnxruntime wherever fcnseg runs a network.
 
 ``export_checkpoint`` is what ``fcnseg-export`` (``scripts/export.py``) calls: a file for any
 image size, or for one size with every shape folded (OpenCV's DNN module loads it), giving
-logits or labels, in float32 or INT8. ``load_for_inference`` is how ``scripts/evaluate.py`` and
+logits or labels, in float32 or INT8. ``open_model`` opens a checkpoint or an exported file,
+whichever it is; ``load_for_inference`` is how ``scripts/evaluate.py`` and
 ``scripts/predict.py`` get their network for ``runtime=torch`` (a checkpoint) or
 ``runtime=onnx`` (an exported file).
+
+The modules, by what they hold: ``export`` (the graph written), ``portable`` (fixed shapes,
+unpooling without scatter, older opsets), ``metadata`` (what the file says about the model),
+``session`` (the file run by onnxruntime), ``quantize`` (INT8), ``model_files`` (opening
+either kind of model file), ``optional`` (the packages they need).
 """
 
 from __future__ import annotations
@@ -14,33 +20,32 @@ import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 
-from fcnseg.deploy.onnx import (
-    OnnxModel,
-    check_export_options,
-    export_onnx,
-    load_onnx,
-    read_metadata,
-)
+from fcnseg.deploy.export import check_export_options, export_onnx
+from fcnseg.deploy.metadata import read_metadata
+from fcnseg.deploy.model_files import RUNTIMES, load_for_inference, open_model
+from fcnseg.deploy.optional import require
+from fcnseg.deploy.session import OnnxModel, compare_outputs, load_onnx
 from fcnseg.errors import UserError
-from fcnseg.models.builder import load_trained
+from fcnseg.models.loading import load_trained
 
 FORMATS = ("onnx",)
-RUNTIMES = ("torch", "onnx")
 
 __all__ = [
     "FORMATS",
     "RUNTIMES",
     "Exported",
     "OnnxModel",
+    "check_export_output",
+    "compare_outputs",
     "export_checkpoint",
     "export_onnx",
     "load_for_inference",
     "load_onnx",
+    "open_model",
     "read_metadata",
 ]
 
@@ -193,32 +198,7 @@ def check_export_output(
     if out.exists() and not overwrite:
         raise UserError(f"output={output} exists; pass overwrite=true to replace it")
     check_export_options(opset=opset, input_size=input_size, outputs=outputs, quantize=quantize)
-    from fcnseg.deploy.onnx import require
-
     require("onnx", "ONNX export")
     require("onnxscript", "ONNX export")
     if quantize is not None:
         require("onnxruntime", "INT8 quantization")
-
-
-def load_for_inference(
-    *, runtime: str = "torch", checkpoint: str | Path | None = None, model: str | Path | None = None
-) -> tuple[nn.Module, dict[str, Any]]:
-    """The network and its checkpoint (or the exported file's checkpoint-like metadata).
-
-    ``runtime=torch`` rebuilds ``checkpoint`` in PyTorch; ``runtime=onnx`` runs the exported
-    ``model`` with onnxruntime. Either way the network's ``info`` is its ``ModelInfo`` and the
-    dict holds ``config`` (with its ``dataset``), ``iteration`` and ``best_miou``.
-
-    Raises:
-        UserError: an unknown runtime, or the file it needs not given.
-    """
-    if runtime not in RUNTIMES:
-        raise UserError(f"runtime={runtime} is not one of {', '.join(RUNTIMES)}")
-    if runtime == "onnx":
-        if model is None:
-            raise UserError("runtime=onnx needs model=FILE.onnx, a file written by fcnseg-export")
-        return load_onnx(model)
-    if checkpoint is None:
-        raise UserError("checkpoint=PATH is required (or runtime=onnx model=FILE.onnx)")
-    return load_trained(checkpoint)

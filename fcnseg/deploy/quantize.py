@@ -27,7 +27,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from fcnseg.deploy.onnx import INPUT_NAME, OnnxModel, require, save_onnx
+from fcnseg.deploy.export import INPUT_NAME, save_onnx
+from fcnseg.deploy.optional import require
+from fcnseg.deploy.session import OnnxModel
 from fcnseg.errors import UserError
 
 

@@ -14,10 +14,11 @@ from torch import nn
 
 from fcnseg.data.io import CorruptFileError, read_image, save_label_png
 from fcnseg.data.transforms import build_transforms
+from fcnseg.deploy.model_files import open_model
 from fcnseg.engine.inference import Inference
 from fcnseg.engine.runtime import Runtime
 from fcnseg.errors import UserError
-from fcnseg.models.builder import ModelInfo, load_model
+from fcnseg.models.info import ModelInfo
 from fcnseg.utils.image_files import as_shown, exif_orientation, list_images
 from fcnseg.utils.logging import progress
 from fcnseg.utils.outputs import check_output_dir
@@ -45,7 +46,8 @@ class Predictor:
     Args:
         model: a network with an ``info`` attribute (``fcnseg.load_model``'s, or an
             ``fcnseg.deploy.OnnxModel``), any network with ``info`` given, or the path of a
-            checkpoint or of an exported ``.onnx`` file (run by onnxruntime).
+            checkpoint or of an exported ONNX file (run by onnxruntime), whichever the file is
+            (``fcnseg.deploy.open_model``).
         info: what the model expects and produces (default: ``model.info``).
         inference: whole image, sliding windows, scales and flip (default: one whole pass).
         device: ``auto``, ``cpu`` or ``cuda``.
@@ -65,7 +67,7 @@ class Predictor:
         amp: str = "none",
     ) -> None:
         if isinstance(model, str | Path):
-            model = load_model_file(model)
+            model = open_model(model)[0]
         info = info or getattr(model, "info", None)
         if not isinstance(info, ModelInfo):
             raise UserError(
@@ -155,16 +157,6 @@ def read_photo(path: str | Path) -> np.ndarray:
         CorruptFileError: the file is missing, empty, truncated or not an image.
     """
     return as_shown(read_image(path), exif_orientation(path))
-
-
-def load_model_file(path: str | Path) -> nn.Module:
-    """The network of a checkpoint (PyTorch) or of an exported ``.onnx`` file (onnxruntime),
-    with its ``info``."""
-    if Path(path).suffix.lower() == ".onnx":
-        from fcnseg.deploy.onnx import load_onnx
-
-        return load_onnx(path)[0]
-    return load_model(path)
 
 
 def check_prediction_paths(

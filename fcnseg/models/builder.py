@@ -1,20 +1,17 @@
-"""``build_model`` and ``load_model``: the public ways to get a model, and ``ModelInfo``: what a
-trained model expects and produces.
+"""``build_model``: a segmentation network from a backbone and a head, by registered name, as
+Hydra partials, or built; ``build_from_description`` and ``build_model_from_config``: the
+network a model file names, with random weights (``fcnseg.models.loading`` loads them).
 
-``load_trained`` is the one reader of checkpoints: the network is rebuilt from the file's
-``ModelDescription`` (registered names and plain values, ``fcnseg.models.description``), never
-from a name it imports or calls.
+A network built from registered builders records them in its ``architecture`` attribute, from
+which ``fcnseg.models.description.describe`` writes the description that model files carry.
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
-import math
 import re
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from torch import nn
@@ -22,9 +19,6 @@ from torch import nn
 from fcnseg.errors import UserError
 from fcnseg.models.description import BACKBONES, HEADS, ModelDescription
 from fcnseg.models.segmentation import SegmentationModel
-from fcnseg.utils.checkpoint import error_summary, load_checkpoint
-from fcnseg.utils.normalization import Normalization, get_normalization
-from fcnseg.utils.visualize import full_palette
 
 
 def build_model(
@@ -79,29 +73,6 @@ def build_model(
             "head_options": head_options,
         }
     return model
-
-
-def describe(
-    model: nn.Module,
-    *,
-    class_names: Sequence[str],
-    palette: Any = None,
-    ignore_index: int = 255,
-    normalize: str = "imagenet",
-) -> ModelDescription | None:
-    """The ``ModelDescription`` of a model ``build_model`` built from registered builders (by
-    name or as their partials); ``None`` for any other network (it can be saved, not rebuilt)."""
-    arch = getattr(model, "architecture", None)
-    if arch is None:
-        return None
-    return ModelDescription.create(
-        **arch,
-        class_names=class_names,
-        palette=palette,
-        ignore_index=ignore_index,
-        normalize=normalize,
-        source="the model",
-    )
 
 
 def _registered(fn: Callable, registry: Mapping[str, Callable]) -> str | None:
@@ -186,127 +157,6 @@ def build_from_description(description: ModelDescription) -> SegmentationModel:
         backbone_options={**description.backbone_options, "pretrained": False, "weights": None},
         head_options=description.head_options,
     )
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    """What a trained model expects and produces: everything a caller needs besides weights.
-
-    The model maps images normalised with ``normalization`` (N, 3, H, W) to logits
-    (N, ``num_classes``, H, W) of the classes ``class_names``, drawn in ``palette``.
-
-    Attributes:
-        class_names: one name per output channel.
-        palette: one RGB colour per class (the dataset's own, else the VOC map's).
-        ignore_index: the label value that marked unlabelled pixels in training.
-        normalize: the name of the input normalisation (``imagenet``, ``caffe``, ``none``).
-        iteration: the training step of the weights.
-        miou: the best validation mIoU recorded in training (a fraction), if it evaluated.
-    """
-
-    class_names: tuple[str, ...]
-    palette: tuple[tuple[int, int, int], ...]
-    ignore_index: int = 255
-    normalize: str = "imagenet"
-    iteration: int = 0
-    miou: float | None = None
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.class_names)
-
-    @property
-    def normalization(self) -> Normalization:
-        """Per channel ``(pixel / max_pixel_value - mean) / std``, then BGR if ``bgr``."""
-        return get_normalization(self.normalize)
-
-    @classmethod
-    def create(
-        cls,
-        *,
-        class_names: Sequence[str],
-        palette: Any = None,
-        ignore_index: int = 255,
-        normalize: str = "imagenet",
-        iteration: int = 0,
-        miou: float | None = None,
-    ) -> ModelInfo:
-        """A ``ModelInfo`` with its fields checked; ``palette=None`` gives the VOC map's colours.
-
-        Raises:
-            UserError: an unknown normalisation.
-        """
-        get_normalization(normalize)
-        names = tuple(str(n) for n in class_names)
-        colors = full_palette(palette)[: len(names)]
-        valid = miou is not None and math.isfinite(miou) and miou >= 0  # training's -1: none
-        return cls(
-            class_names=names,
-            palette=tuple(tuple(int(c) for c in rgb) for rgb in colors),
-            ignore_index=int(ignore_index),
-            normalize=str(normalize),
-            iteration=int(iteration),
-            miou=float(miou) if valid else None,
-        )
-
-    @classmethod
-    def from_description(
-        cls, description: ModelDescription, *, iteration: int = 0, miou: float | None = None
-    ) -> ModelInfo:
-        """The info of a ``ModelDescription`` and the training state of its weights."""
-        return cls.create(
-            class_names=description.class_names,
-            palette=description.palette,
-            ignore_index=description.ignore_index,
-            normalize=description.normalize,
-            iteration=iteration,
-            miou=miou,
-        )
-
-
-def load_model(checkpoint_path: str | Path, map_location: str = "cpu") -> SegmentationModel:
-    """Rebuilds a trained model from a checkpoint file alone, in eval mode.
-
-    The model's ``info`` attribute is its ``ModelInfo``: class names, palette, ignore index,
-    normalisation, iteration and mIoU.
-    """
-    return load_trained(checkpoint_path, map_location)[0]
-
-
-def load_trained(
-    checkpoint_path: str | Path, map_location: str = "cpu"
-) -> tuple[SegmentationModel, dict[str, Any]]:
-    """The trained model (in eval mode, its ``ModelInfo`` as ``model.info``) and its
-    checkpoint: the training ``config`` (dataset, classes, normalisation), ``iteration``,
-    ``best_miou``.
-
-    Raises:
-        UserError: the file is not a readable checkpoint, or not one that training wrote.
-    """
-    ckpt = load_checkpoint(checkpoint_path, map_location=map_location)
-    if not isinstance(ckpt, dict) or "model" not in ckpt:
-        raise UserError(
-            f"{checkpoint_path} holds no model weights ('model' entry); it is not an fcnseg "
-            "checkpoint"
-        )
-    description = ModelDescription.from_checkpoint(ckpt, source=str(checkpoint_path))
-    if not isinstance(ckpt.get("config", {}), dict):
-        raise UserError(f"{checkpoint_path}: its 'config' entry is not a mapping")
-    model = build_from_description(description)
-    try:
-        model.load_state_dict(ckpt["model"])
-    except (RuntimeError, TypeError, AttributeError) as err:
-        raise UserError(
-            f"checkpoint {checkpoint_path}'s weights do not fit the model it describes "
-            f"({error_summary(err)})"
-        ) from err
-    iteration, miou = ckpt.get("iteration", 0), ckpt.get("best_miou")
-    try:
-        model.info = ModelInfo.from_description(description, iteration=iteration, miou=miou)
-    except (TypeError, ValueError) as err:
-        raise UserError(f"checkpoint {checkpoint_path}: iteration or best_miou unreadable") from err
-    model.description = description
-    return model.eval(), ckpt
 
 
 def _unwrap(fn: Callable) -> Callable:

@@ -6,7 +6,8 @@ imported or called: the description names the backbone and the head by their reg
 (``fcnseg.models.backbones.__all__`` and ``fcnseg.models.heads.__all__``, the allow-list), with
 options that are plain values, and the classes, palette, ignore index and normalisation. It does
 not depend on the configuration tree either, so renaming a config group or moving a class keeps
-every file readable; a renamed builder keeps its old name in ``RENAMED``.
+every file readable; a renamed builder keeps its old name in ``RENAMED``. ``describe`` writes it
+for a network that ``fcnseg.models.builder.build_model`` built.
 
 Versions:
 
@@ -24,10 +25,13 @@ import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fcnseg.errors import UserError
 from fcnseg.models import backbones, heads
+
+if TYPE_CHECKING:
+    from torch import nn
 
 VERSION = 1
 #: the description's key in a checkpoint and in an exported model's metadata.
@@ -238,6 +242,30 @@ class ModelDescription:
             "ignore_index": self.ignore_index,
             "normalize": self.normalize,
         }
+
+
+def describe(
+    model: nn.Module,
+    *,
+    class_names: Sequence[str],
+    palette: Any = None,
+    ignore_index: int = 255,
+    normalize: str = "imagenet",
+) -> ModelDescription | None:
+    """The ``ModelDescription`` of a model ``build_model`` built from registered builders (by
+    name or as their partials), read from the ``architecture`` it records; ``None`` for any
+    other network (it can be saved, not rebuilt)."""
+    arch = getattr(model, "architecture", None)
+    if arch is None:
+        return None
+    return ModelDescription.create(
+        **arch,
+        class_names=class_names,
+        palette=palette,
+        ignore_index=ignore_index,
+        normalize=normalize,
+        source="the model",
+    )
 
 
 def _plain_options(options: Any, what: str) -> dict[str, Any]:
