@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from fcnseg.utils import tables
+
 
 class SegMetrics:
     """Accumulates a confusion matrix (rows = ground truth) on the predictions' device.
@@ -111,17 +113,17 @@ class SegMetrics:
 def format_table(metrics: dict[str, Any]) -> str:
     """A per-class IoU/accuracy table followed by the four summary metrics, in percent."""
     pct = lambda v: "     -" if v is None else f"{100 * v:6.2f}"  # noqa: E731
-    width = max(12, *(len(c) for c in metrics["class_names"]))
-    lines = [f"{'class':<{width}}    IoU    Acc", "-" * (width + 15)]
-    for name, iou, acc in zip(metrics["class_names"], metrics["iou"], metrics["acc"]):
-        lines.append(f"{name:<{width}} {pct(iou)} {pct(acc)}")
-    lines.append("-" * (width + 15))
+    rows: list[tables.Row] = [
+        [name, pct(iou), pct(acc)]
+        for name, iou, acc in zip(metrics["class_names"], metrics["iou"], metrics["acc"])
+    ]
+    rows.append(None)
     for key, label in (
         ("miou", "mIoU"),
         ("pixel_acc", "pixel acc"),
         ("mean_acc", "mean acc"),
         ("fwiou", "fwIoU"),
     ):
-        lines.append(f"{label:<{width}} {pct(metrics[key])}")
-    lines.append(f"{'images':<{width}} {metrics['num_images']:>6}")
-    return "\n".join(lines)
+        rows.append([label, pct(metrics[key])])
+    rows.append(["images", str(metrics["num_images"])])
+    return tables.format_table(["class", "IoU", "Acc"], rows, align="<>>", min_widths=[12, 6, 6])

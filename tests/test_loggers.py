@@ -20,6 +20,7 @@ from test_resume import NUM_CLASSES, one_thread, tiny_model  # noqa: F401 - fixt
 from torch.utils.data import Dataset
 
 from fcnseg.data import SyntheticShapes, build_transforms
+from fcnseg.engine.evaluator import run_evaluation
 from fcnseg.engine.loggers import CSVLogger, MLflowLogger, TensorBoardLogger
 from fcnseg.engine.loss import SegLoss
 from fcnseg.engine.settings import TrainSettings
@@ -259,3 +260,46 @@ def test_a_new_run_over_earlier_events_shows_only_its_own(tmp_path):
     acc.Reload()
     assert [(e.step, e.value) for e in acc.Scalars("train/loss")] == [(1, 1.0), (2, 2.0), (3, 3.0)]
     assert len(list((run_dir / "tensorboard").glob("events.out.tfevents.*"))) == 2  # kept
+
+
+def test_evaluate_py_writes_the_tags_and_values_of_the_training_evaluations(tmp_path):
+    """run_evaluation (evaluate.py eval.tensorboard=DIR) of the trained model at its last
+    iteration writes what the trainer's TensorBoard logger wrote for the evaluation there: the
+    same tags of every kind, the same values, table and picture."""
+    trainer = tiny_run(tmp_path / "run", [TensorBoardLogger])
+    val_set = SyntheticShapes(
+        split="val", num_samples=2, min_size=32, max_size=40,
+        transform=build_transforms(train=False),
+    )  # fmt: skip
+    run_evaluation(
+        trainer.model, val_set, class_names=[f"c{i}" for i in range(NUM_CLASSES)],
+        device="cpu", num_workers=0, tensorboard_dir=tmp_path / "eval", step=6, num_vis=1,
+    )  # fmt: skip
+    guidance = {"images": 0, "tensors": 0, "scalars": 0}
+    trained = EventAccumulator(str(tmp_path / "run" / "tensorboard"), size_guidance=guidance)
+    evaluated = EventAccumulator(str(tmp_path / "eval"), size_guidance=guidance)
+    trained.Reload(), evaluated.Reload()
+    for kind in ("scalars", "images", "tensors"):
+        evaluation_tags = {t for t in trained.Tags()[kind] if t.startswith("val/")}
+        assert set(evaluated.Tags()[kind]) == evaluation_tags, kind
+    scalars = set(evaluated.Tags()["scalars"])
+    assert {"val/miou", "val/pixel_acc", "val/mean_acc", "val/fwiou"} < scalars
+    assert scalars - {"val/miou", "val/pixel_acc", "val/mean_acc", "val/fwiou"} <= {
+        f"val/iou/c{i}" for i in range(NUM_CLASSES)
+    }
+    assert set(evaluated.Tags()["images"]) == {
+        "val/predictions", "val/confusion_matrix", "val/per_class_iou"
+    }  # fmt: skip
+    for tag in scalars:
+        at_6 = [e.value for e in trained.Scalars(tag) if e.step == 6]
+        assert [(e.step, e.value) for e in evaluated.Scalars(tag)] == [(6, at_6[0])], tag
+    table = [
+        [e.tensor_proto.string_val[0] for e in acc.Tensors("val/table/text_summary") if e.step == 6]
+        for acc in (trained, evaluated)
+    ]
+    assert table[0] == table[1] and len(table[0]) == 1
+    pictures = [
+        [e.encoded_image_string for e in acc.Images("val/predictions") if e.step == 6]
+        for acc in (trained, evaluated)
+    ]
+    assert pictures[0] == pictures[1] and len(pictures[0]) == 1

@@ -1,4 +1,4 @@
-"""Pictures: overlays with legends, figures, and what TensorBoard receives (read back)."""
+"""Pictures: overlays with legends, figures, and what TensorBoard receives of them (read back)."""
 
 import io
 
@@ -12,6 +12,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch.utils.tensorboard import SummaryWriter
 
 from fcnseg.data import SyntheticShapes, build_transforms
+from fcnseg.engine.loggers import Evaluation
+from fcnseg.engine.loggers.tensorboard import write_evaluation
 from fcnseg.engine.loss import SegLoss
 from fcnseg.engine.settings import TrainSettings
 from fcnseg.engine.trainer import Trainer
@@ -22,7 +24,6 @@ from fcnseg.utils.visualize import (
     colorize,
     confusion_figure,
     iou_figure,
-    log_evaluation,
     overlay,
     palette,
     sample_rows,
@@ -67,7 +68,7 @@ def decode(event) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(event.encoded_image_string)).convert("RGB"))
 
 
-def test_log_evaluation_writes_images_figures_text_and_scalars(tmp_path):
+def test_an_evaluation_writes_images_figures_text_and_scalars(tmp_path):
     metrics_obj = SegMetrics(5, class_names=NAMES)
     samples = []
     for i, (h, w) in enumerate([(20, 30), (24, 16)]):
@@ -79,7 +80,7 @@ def test_log_evaluation_writes_images_figures_text_and_scalars(tmp_path):
         samples.append((img, tgt, pred))
     metrics = metrics_obj.compute()
     with SummaryWriter(tmp_path) as writer:
-        log_evaluation(writer, metrics, samples, 12, "imagenet")
+        write_evaluation(writer, Evaluation(metrics, samples, "imagenet"), 12)
     acc = EventAccumulator(str(tmp_path), size_guidance={"images": 0, "tensors": 0, "scalars": 0})
     acc.Reload()
     tags = acc.Tags()

@@ -29,6 +29,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from fcnseg.engine.runtime import CPU_BF16_FLAGS, Runtime, hardware_precision
 from fcnseg.errors import UserError
+from fcnseg.utils import tables
 from fcnseg.utils.cpu import cpu_flags, cpu_model_name
 
 
@@ -307,18 +308,24 @@ def make_report(
 
 def format_table(report: Mapping[str, Any]) -> str:
     """The report's result rows as a Markdown table, under the line naming its hardware."""
-    lines = [
-        *([hardware_line(report["environment"]), ""] if "environment" in report else []),
-        "| variant | images/s | ms/iter median (p10-p90) | peak memory (MB) | TFLOP/s |",
-        "|---|---:|---:|---:|---:|",
-    ]
+    rows = []
     for row in report["results"]:
         ms = row["ms_per_iter"]
         tflops = f"{row['tflops']:.3g}" if row.get("tflops") else "-"
-        lines.append(
-            f"| {row['name']} | {row['images_per_s']:.2f} | {ms['median']:.1f} "
-            f"({ms['p10']:.1f}-{ms['p90']:.1f}) | {row['peak_memory_mb']:.0f} | {tflops} |"
+        rows.append(
+            [
+                row["name"],
+                f"{row['images_per_s']:.2f}",
+                f"{ms['median']:.1f} ({ms['p10']:.1f}-{ms['p90']:.1f})",
+                f"{row['peak_memory_mb']:.0f}",
+                tflops,
+            ]
         )
+    header = ["variant", "images/s", "ms/iter median (p10-p90)", "peak memory (MB)", "TFLOP/s"]
+    lines = [
+        *([hardware_line(report["environment"]), ""] if "environment" in report else []),
+        tables.format_table(header, rows, align="<>>>>", markdown=True),
+    ]
     for key, value in report.get("summary", {}).items():
         lines.append(f"\n{key}: {value:.3f}" if isinstance(value, float) else f"\n{key}: {value}")
     return "\n".join(lines)

@@ -180,7 +180,8 @@ def run_evaluation(
         num_workers: loader processes.
         on_prediction: ``(index, labels)`` callback, e.g.
             ``fcnseg.data.predictions.PredictionWriter``.
-        tensorboard_dir: write scalars, table, image grid and figures here.
+        tensorboard_dir: add scalars, table, image grid and figures to the events here, under
+            the tags of a training run's evaluations (``fcnseg.engine.loggers``).
         tensorboard_prefix: their tag prefix.
         step: their global step (the checkpoint's iteration).
         num_vis: images in the TensorBoard grid and in ``grid``.
@@ -234,12 +235,8 @@ def run_evaluation(
         Image.fromarray(rows.permute(1, 2, 0).numpy()).save(grid)
         get_logger().info("prediction grid written to %s", grid)
     if write_tb:
-        from torch.utils.tensorboard import SummaryWriter
+        from fcnseg.engine.loggers import Evaluation, add_evaluation
 
-        from fcnseg.utils.visualize import log_evaluation
-
-        with SummaryWriter(str(tensorboard_dir)) as writer:
-            log_evaluation(
-                writer, metrics, samples, step, normalize, prefix=tensorboard_prefix, colors=colors
-            )
+        evaluation = Evaluation(metrics, samples, normalize, colors, prefix=tensorboard_prefix)
+        add_evaluation(tensorboard_dir, evaluation, step)
     return metrics

@@ -1,7 +1,8 @@
-"""Pictures of predictions and metrics: colour maps, overlays with legends, figures, TensorBoard.
+"""Pictures of predictions and metrics: colour maps, overlays with legends, figures.
 
 Figures are drawn on matplotlib's Agg canvas directly (``matplotlib.figure.Figure``, never
-pyplot), so nothing here needs a display or touches global plotting state.
+pyplot), so nothing here needs a display or touches global plotting state. What is shown where,
+and under which tags, is the loggers' (``fcnseg.engine.loggers``).
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from PIL import Image, ImageDraw, ImageFont
 
-from fcnseg.metrics import format_table
 from fcnseg.utils.normalization import denormalize
 
 Palette = np.ndarray | Sequence[Sequence[int]]
@@ -224,47 +224,3 @@ def sample_rows(
         rows.append(prediction_grid(rgb, labels[:1], labels[1:], colors=colors))
     width = max(r.shape[-1] for r in rows)
     return torch.cat([F.pad(r, (0, width - r.shape[-1])) for r in rows], dim=-2)
-
-
-def log_evaluation(
-    writer,
-    metrics: dict[str, Any],
-    samples: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
-    step: int,
-    normalize: str,
-    *,
-    prefix: str = "val",
-    colors: Palette | None = None,
-) -> None:
-    """Writes one evaluation to TensorBoard, the same way for training and ``evaluate.py``.
-
-    Tags: ``{prefix}/miou``, ``pixel_acc``, ``mean_acc``, ``fwiou`` and ``iou/<class>`` scalars;
-    ``{prefix}/table`` (text); ``{prefix}/predictions`` (input | ground truth | prediction
-    rows); ``{prefix}/confusion_matrix`` and ``{prefix}/per_class_iou`` (figures).
-
-    Args:
-        writer: a ``torch.utils.tensorboard.SummaryWriter``.
-        metrics: ``SegMetrics.compute()`` output.
-        samples: (normalised image, target, prediction) triples; may be empty.
-        step: the global step (training iteration).
-        normalize: the images' normalisation name, to show them as they were loaded.
-        prefix: tag prefix.
-        colors: class colours; the VOC map by default.
-    """
-    for key in ("miou", "pixel_acc", "mean_acc", "fwiou"):
-        writer.add_scalar(f"{prefix}/{key}", metrics[key], step)
-    for name, iou in zip(metrics["class_names"], metrics["iou"]):
-        if iou is not None:
-            writer.add_scalar(f"{prefix}/iou/{name}", iou, step)
-    writer.add_text(f"{prefix}/table", f"```\n{format_table(metrics)}\n```", step)
-    if samples:
-        writer.add_image(
-            f"{prefix}/predictions", sample_rows(samples, normalize, colors=colors), step
-        )
-    writer.add_figure(
-        f"{prefix}/confusion_matrix",
-        confusion_figure(metrics["confusion_matrix"], metrics["class_names"]),
-        step,
-    )
-    writer.add_figure(f"{prefix}/per_class_iou", iou_figure(metrics), step)
-    writer.flush()
