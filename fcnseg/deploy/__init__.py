@@ -20,6 +20,7 @@ import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -174,14 +175,13 @@ def check_export_output(
     checkpoint: str | Path | None = None,
     format: str = "onnx",
     overwrite: bool = False,
-    opset: int | None = None,
-    input_size: Sequence[int] | None = None,
-    outputs: str = "logits",
-    quantize: str | None = None,
+    **options: Any,
 ) -> None:
     """The checks ``export_checkpoint`` makes before reading the checkpoint (cheap): a known
     format, an output that is no folder, not the checkpoint, and new unless ``overwrite``, the
-    options in range (``check_export_options``), and the exporter's packages installed."""
+    ``options`` (``opset``, ``input_size``, ``outputs``, ``quantize``) in range
+    (``check_export_options``, whose signature they follow), and the exporter's packages
+    installed."""
     if format not in FORMATS:
         why = (
             "TorchScript is deprecated in PyTorch 2 and its tracer cannot export the "
@@ -197,8 +197,8 @@ def check_export_output(
         raise UserError(f"output={output} is the checkpoint itself; choose another file")
     if out.exists() and not overwrite:
         raise UserError(f"output={output} exists; pass overwrite=true to replace it")
-    check_export_options(opset=opset, input_size=input_size, outputs=outputs, quantize=quantize)
+    check_export_options(**options)
     require("onnx", "ONNX export")
     require("onnxscript", "ONNX export")
-    if quantize is not None:
+    if options.get("quantize") is not None:
         require("onnxruntime", "INT8 quantization")
