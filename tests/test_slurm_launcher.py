@@ -21,7 +21,8 @@ from test_preemption import ENV, SCRIPT_RUN
 
 from fcnseg.engine.runtime import Runtime
 from fcnseg.utils.checkpoint import load_checkpoint
-from fcnseg.utils.distributed import export_scheduler_env, launch_command, task_threads
+from fcnseg.utils.distributed import launch_command
+from fcnseg.utils.slurm import export_scheduler_env, task_threads
 
 TORCHRUN_VARS = (
     "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",

@@ -20,15 +20,9 @@ from torch import nn
 
 from fcnseg.errors import UserError
 from fcnseg.utils.cpu import cpu_flags
-from fcnseg.utils.distributed import (
-    DistInfo,
-    all_gather_object,
-    export_scheduler_env,
-    init_distributed,
-    resolve_device,
-    task_threads,
-)
+from fcnseg.utils.distributed import DistInfo, all_gather_object, init_distributed, resolve_device
 from fcnseg.utils.logging import get_logger
+from fcnseg.utils.slurm import export_scheduler_env, task_threads
 
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
