@@ -10,6 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from fcnseg.engine.settings import TrainSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
@@ -35,6 +38,22 @@ def compose_config(overrides: list[str] | None = None, config_name: str = "train
         return compose(
             config_name=config_name, overrides=overrides or [], return_hydra_config=False
         )
+
+
+#: trainer.* keys that are not TrainSettings fields (the trainer's hooks, built in train.py).
+NOT_SETTINGS = ("_target_", "hooks", "ema")
+
+
+def train_settings(**overrides) -> TrainSettings:
+    """The quickstart's ``TrainSettings`` with ``overrides``: configs/trainer/default.yaml, then
+    the synthetic recipe's ``trainer.*`` (length, batch, intervals), as ``python
+    scripts/train.py`` composes them, so that a test never keeps a second copy of a default."""
+    node = OmegaConf.merge(
+        OmegaConf.load(CONFIGS / "trainer" / "default.yaml"),
+        OmegaConf.load(CONFIGS / "recipe" / "synthetic.yaml").trainer,
+    )
+    values = {k: v for k, v in OmegaConf.to_container(node).items() if k not in NOT_SETTINGS}
+    return TrainSettings(**{**values, **overrides})
 
 
 def run_script(

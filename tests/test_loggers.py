@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import compose_config
+from conftest import compose_config, train_settings
 from hydra.utils import instantiate
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from test_resume import NUM_CLASSES, one_thread, tiny_model  # noqa: F401 - fixture
@@ -23,7 +23,6 @@ from fcnseg.data import SyntheticShapes, build_transforms
 from fcnseg.engine.evaluator import run_evaluation
 from fcnseg.engine.loggers import CSVLogger, MLflowLogger, TensorBoardLogger
 from fcnseg.engine.loss import SegLoss
-from fcnseg.engine.settings import TrainSettings
 from fcnseg.engine.trainer import Trainer
 from fcnseg.errors import UserError
 
@@ -54,7 +53,7 @@ def tiny_run(run_dir, loggers, *, resume=False, fail_at=None) -> Trainer:
     shapes = functools.partial(SyntheticShapes, min_size=32, max_size=40)
     train_set = shapes(split="train", num_samples=8, transform=tf)
     trainer = Trainer(
-        TrainSettings(
+        train_settings(
             max_iters=6, eval_interval=3, log_interval=1, checkpoint_interval=3, batch_size=2,
             num_workers=0, device="cpu", num_vis=1, resume=resume,
         ),

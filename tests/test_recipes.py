@@ -1,5 +1,6 @@
 """Training recipes (configs/recipe/, docs/recipes.md): the dataset picks one, the backbone's
-pretraining picks the learning rate of the quickstart's, presets and the command line win.
+pretraining (backbone.pretrained) picks the learning rate of the quickstart's, presets and the
+command line win.
 
 Composition only: no model is built and nothing is trained.
 """
@@ -15,7 +16,8 @@ DATASETS = sorted(p.stem for p in (CONFIGS / "dataset").glob("*.yaml"))
 REAL_DATASETS = [d for d in DATASETS if d != "synthetic"]
 PRESETS = sorted(p.stem for p in (CONFIGS / "experiment").glob("*.yaml"))
 BACKBONES = sorted(p.stem for p in (CONFIGS / "backbone").glob("*.yaml"))
-FROM_SCRATCH = sorted(p.stem for p in (CONFIGS / "recipe" / "scratch").glob("*.yaml"))
+# The backbones without pretrained weights (docs/recipes.md): the quickstart's, from scratch.
+FROM_SCRATCH = ["vgg_tiny", "vgg_tiny_encoder"]
 
 # What docs/recipes.md documents: optimizer, scheduler, lr, momentum, weight decay, iterations,
 # batch, crop.
@@ -62,7 +64,7 @@ def _leaves(node, prefix: str = "") -> set[str]:
 
 def _file_keys(path) -> set[str]:
     """The keys a config file sets, with those of the configs its defaults list includes by
-    path (a preset's base preset, a from-scratch file's model)."""
+    path (a preset's base preset)."""
     cfg = OmegaConf.to_container(OmegaConf.load(path))
     keys = _leaves(cfg)
     for entry in cfg.get("defaults", []):
@@ -78,7 +80,7 @@ def test_bare_command_is_the_quickstart():
         "vgg_tiny", "synthetic", "synthetic",
     )  # fmt: skip
     assert not cfg.backbone.pretrained
-    assert OmegaConf.to_container(cfg.optimizer) == {
+    assert OmegaConf.to_container(cfg.optimizer, resolve=True) == {
         "_target_": "torch.optim.AdamW", "_partial_": True, "lr": 1e-2, "weight_decay": 1e-4,
         "fused": True,
     }  # fmt: skip
@@ -130,18 +132,21 @@ def test_recipe_builds_its_optimizer_and_scheduler(dataset):
 
 @pytest.mark.parametrize("backbone", BACKBONES)
 def test_pretrained_backbones_fine_tune_on_the_quickstart_dataset(backbone):
-    """Only the backbones made to be trained from scratch get the quickstart's AdamW 1e-2."""
+    """Only the backbones trained from scratch get the quickstart's AdamW 1e-2."""
     cfg = _compose([f"backbone={backbone}"])
     assert cfg.optimizer._target_ == "torch.optim.AdamW"
     if backbone in FROM_SCRATCH:
         assert not cfg.backbone.pretrained and cfg.optimizer.lr == 1e-2
     else:
         assert cfg.backbone.pretrained and cfg.optimizer.lr == 1e-4
+    # The rate follows the weights the backbone starts from, whatever its name.
+    flipped = _compose([f"backbone={backbone}", f"backbone.pretrained={backbone in FROM_SCRATCH}"])
+    assert flipped.optimizer.lr == (1e-4 if backbone in FROM_SCRATCH else 1e-2)
 
 
 def test_from_scratch_backbones_are_the_untrained_ones():
     untrained = [b for b in BACKBONES if not _compose([f"backbone={b}"]).backbone.pretrained]
-    assert FROM_SCRATCH == untrained == ["vgg_tiny", "vgg_tiny_encoder"]
+    assert untrained == FROM_SCRATCH
 
 
 def test_vgg16_fcn8s_on_synthetic_fine_tunes():
@@ -193,11 +198,11 @@ def test_presets_compose_as_before(preset, on_synthetic):
 @pytest.mark.parametrize("preset", PRESETS)
 def test_a_preset_sets_every_key_its_recipes_set(preset):
     """A recipe never leaks into a preset: the preset sets every key of its dataset's recipe
-    (and of the synthetic one with any from-scratch file, which the tests run presets on)."""
+    (and of the synthetic one, which the tests run presets on) but the synthetic recipe's table
+    of rates, which only its own optimizer.lr reads."""
     cfg = _compose([f"experiment={preset}"])
     preset_keys = _file_keys(CONFIGS / "experiment" / f"{preset}.yaml")
     recipe_keys = _file_keys(CONFIGS / "recipe" / f"{cfg.hydra.runtime.choices['dataset']}.yaml")
     recipe_keys |= _file_keys(CONFIGS / "recipe" / "synthetic.yaml")
-    for scratch in FROM_SCRATCH:
-        recipe_keys |= _file_keys(CONFIGS / "recipe" / "scratch" / f"{scratch}.yaml")
+    recipe_keys = {key for key in recipe_keys if not key.startswith("recipe.")}
     assert recipe_keys <= preset_keys, sorted(recipe_keys - preset_keys)

@@ -8,12 +8,12 @@ import signal
 
 import pytest
 import torch
+from conftest import train_settings
 from torch.utils.data import Dataset
 
 from fcnseg.data import SyntheticShapes, build_transforms
 from fcnseg.engine.loss import SegLoss
 from fcnseg.engine.runtime import seed_everything
-from fcnseg.engine.settings import TrainSettings
 from fcnseg.engine.trainer import Trainer, TrainingInterrupted
 from fcnseg.errors import UserError
 from fcnseg.models import build_model
@@ -68,7 +68,7 @@ def tiny_trainer(
         transform=build_transforms(train=False),
     )
     return Trainer(
-        TrainSettings(**settings),
+        train_settings(**settings),
         model=model,
         train_set=train_set,
         val_set=val_set,

@@ -5,7 +5,7 @@ import io
 import numpy as np
 import pytest
 import torch
-from conftest import compose_config
+from conftest import compose_config, train_settings
 from omegaconf import OmegaConf
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -15,7 +15,6 @@ from fcnseg.data import SyntheticShapes, build_transforms
 from fcnseg.engine.loggers import Evaluation
 from fcnseg.engine.loggers.tensorboard import write_evaluation
 from fcnseg.engine.loss import SegLoss
-from fcnseg.engine.settings import TrainSettings
 from fcnseg.engine.trainer import Trainer
 from fcnseg.metrics import SegMetrics
 from fcnseg.models.builder import build_model_from_config
@@ -126,7 +125,7 @@ def test_training_tensorboard_has_the_figures(tmp_path):
     builder = {k: v for k, v in ds["builder"].items() if not k.startswith("_")}
     tf = build_transforms(train=False, normalize=ds["normalize"])
     trainer = Trainer(
-        TrainSettings(
+        train_settings(
             max_iters=1, eval_interval=1, batch_size=2, num_workers=0, device="cpu", num_vis=2
         ),
         model=build_model_from_config(config),

@@ -15,6 +15,12 @@ NAN_POLICIES = ("stop", "skip")
 class TrainSettings:
     """How long, how big, where and how precisely a run trains (``configs/trainer/*.yaml``).
 
+    Every field is required: the defaults live once, in ``configs/trainer/default.yaml`` and the
+    dataset's recipe (``configs/recipe/<dataset>.yaml``: length, batch, evaluation and
+    checkpoint intervals), never again here, so that what a run trains with is what its
+    composed config says (``python scripts/train.py --cfg job``). The settings are checked as
+    they are built: a wrong one is a ``UserError`` naming its ``trainer.*`` key.
+
     Attributes:
         max_iters: number of optimizer steps.
         eval_interval: evaluate (and save ``best.pt``) every this many steps and at the end.
@@ -31,7 +37,8 @@ class TrainSettings:
             requeues with the same command); or a checkpoint path.
         overwrite: start a new run in a run directory that holds another run's checkpoints
             (refused otherwise, unless ``resume`` continues that run).
-        amp: ``none``, ``bf16`` or ``fp16`` (with a gradient scaler) autocast.
+        amp: ``none``, ``auto`` (the hardware's best), ``bf16`` or ``fp16`` (with a gradient
+            scaler) autocast.
         sync_bn: SyncBatchNorm across processes (CUDA only; one process needs none).
         channels_last: NHWC memory layout for the model and its inputs.
         compile: ``torch.compile`` the training forward: false, true or a compile mode.
@@ -44,26 +51,26 @@ class TrainSettings:
             their average over them (``fcnseg.models.norm.recalibrate_batch_norm``); 0: none.
     """
 
-    max_iters: int = 1000
-    eval_interval: int = 500
-    log_interval: int = 20
-    checkpoint_interval: int = 500
-    batch_size: int = 8
-    accumulate: int = 1
-    eval_batch_size: int = 1
-    num_workers: int = 2
-    device: str = "auto"
-    seed: int = 0
-    resume: bool | str = False
-    overwrite: bool = False
-    amp: str = "none"
-    sync_bn: bool = False
-    channels_last: bool = False
-    compile: bool | str = False
-    cudnn_benchmark: bool = True
-    nan_policy: str = "stop"
-    num_vis: int = 4
-    bn_recalibration: int = 0
+    max_iters: int
+    eval_interval: int
+    log_interval: int
+    checkpoint_interval: int
+    batch_size: int
+    accumulate: int
+    eval_batch_size: int
+    num_workers: int
+    device: str
+    seed: int
+    resume: bool | str
+    overwrite: bool
+    amp: str
+    sync_bn: bool
+    channels_last: bool
+    compile: bool | str
+    cudnn_benchmark: bool
+    nan_policy: str
+    num_vis: int
+    bn_recalibration: int
 
     def __post_init__(self) -> None:
         minimum = {
@@ -73,6 +80,11 @@ class TrainSettings:
         }  # fmt: skip
         for key, least in minimum.items():
             value = getattr(self, key)
+            if value is None:  # trainer/default.yaml leaves length, batch and intervals to recipes
+                raise UserError(
+                    f"trainer.{key} is not set: the dataset's recipe (configs/recipe/) sets it, "
+                    f"or give trainer.{key}=N"
+                )
             if not isinstance(value, int) or isinstance(value, bool):
                 raise UserError(f"trainer.{key}={value!r} is not a whole number")
             if value < least:
