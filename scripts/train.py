@@ -13,11 +13,15 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from fcnseg.data.class_weights import resolve_class_weights
+from fcnseg.engine.ema import EMA
+from fcnseg.engine.hooks import Hook
 from fcnseg.engine.loss import SegLoss
 from fcnseg.engine.optim import with_param_groups
+from fcnseg.engine.record import RunRecord
 from fcnseg.engine.runtime import Runtime, seed_everything
 from fcnseg.engine.settings import TrainSettings
 from fcnseg.engine.trainer import Trainer, TrainingInterrupted
+from fcnseg.errors import UserError
 from fcnseg.metrics import format_table
 from fcnseg.models import build_model
 from fcnseg.models.init import init_from_checkpoint
@@ -32,8 +36,10 @@ def main(cfg: DictConfig) -> None:
     # Logged from the first line: train.log receives it all once the run directory is accepted.
     setup_logging(main_process=launched_as_main(), hold=True)
     with user_errors("train.py", also=(InstantiationException,)):
-        check_settings("trainer", cfg.trainer, TrainSettings)
-        settings = instantiate(cfg.trainer)
+        hooks = user_hooks(cfg.trainer)
+        keys = [key for key in cfg.trainer if key not in HOOK_KEYS]
+        check_settings("trainer", keys, TrainSettings)
+        settings = instantiate(OmegaConf.masked_copy(cfg.trainer, keys))
         runtime = Runtime.from_settings(settings)  # device, process group, precision: once
         seed_everything(settings.seed)  # the initial weights follow the run's seed
         ds = cfg.dataset
@@ -60,11 +66,12 @@ def main(cfg: DictConfig) -> None:
             scheduler=instantiate(cfg.scheduler),
             loss=SegLoss(weight=class_weights, ignore_index=ds.ignore_index,
                          reduction=cfg.loss.reduction),
-            run_dir=HydraConfig.get().runtime.output_dir,
-            config=OmegaConf.to_container(cfg, resolve=True), class_names=ds.class_names,
-            normalize=ds.normalize, batching=ds.get("batching", "pad"),
-            resume_command=resume_command(),
+            run_dir=HydraConfig.get().runtime.output_dir, batching=ds.get("batching", "pad"),
+            record=RunRecord.from_config(
+                OmegaConf.to_container(cfg, resolve=True), resume_command=resume_command()
+            ),
             loggers=[instantiate(node) for node in (cfg.get("logger") or {}).values()],
+            hooks=hooks,
         )  # fmt: skip
         if trainer.dist.is_main:
             save_hydra_config(cfg, trainer.run_dir / ".hydra")
@@ -78,6 +85,25 @@ def main(cfg: DictConfig) -> None:
             cleanup()
         if trainer.dist.is_main:
             print(f"\n{format_table(metrics)}\n\nrun directory: {trainer.run_dir}")
+
+
+#: trainer.* keys that name hooks, not TrainSettings fields.
+HOOK_KEYS = ("hooks", "ema")
+
+
+def user_hooks(trainer: DictConfig) -> list[Hook]:
+    """``trainer.hooks`` (each a ``_target_``: the user's own code) and ``trainer.ema.decay``."""
+    hooks = []
+    for i, node in enumerate(trainer.get("hooks") or []):
+        hook = instantiate(node)
+        if not isinstance(hook, Hook):
+            raise UserError(
+                f"trainer.hooks[{i}]: {node.get('_target_')} made a {type(hook).__name__}, "
+                f"not a fcnseg.engine.hooks.Hook"
+            )
+        hooks.append(hook)
+    decay = (trainer.get("ema") or {}).get("decay")
+    return [*hooks, EMA(decay)] if decay is not None else hooks
 
 
 def save_hydra_config(cfg: DictConfig, folder: Path) -> None:

@@ -23,6 +23,7 @@ from fcnseg.data import SyntheticShapes, build_transforms
 from fcnseg.engine.evaluator import run_evaluation
 from fcnseg.engine.loggers import CSVLogger, MLflowLogger, TensorBoardLogger
 from fcnseg.engine.loss import SegLoss
+from fcnseg.engine.record import RunRecord
 from fcnseg.engine.trainer import Trainer
 from fcnseg.errors import UserError
 
@@ -62,8 +63,8 @@ def tiny_run(run_dir, loggers, *, resume=False, fail_at=None) -> Trainer:
         val_set=shapes(split="val", num_samples=2, transform=val_tf),
         optimizer=functools.partial(torch.optim.AdamW, lr=1e-3),
         scheduler=functools.partial(torch.optim.lr_scheduler.PolynomialLR, total_iters=6),
-        loss=SegLoss(), run_dir=run_dir, config=CONFIG,
-        class_names=[f"c{i}" for i in range(NUM_CLASSES)], loggers=loggers,
+        loss=SegLoss(), run_dir=run_dir, loggers=loggers,
+        record=RunRecord(class_names=[f"c{i}" for i in range(NUM_CLASSES)], config=CONFIG),
     )  # fmt: skip
     trainer.fit()
     return trainer

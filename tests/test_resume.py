@@ -13,6 +13,7 @@ from torch.utils.data import Dataset
 
 from fcnseg.data import SyntheticShapes, build_transforms
 from fcnseg.engine.loss import SegLoss
+from fcnseg.engine.record import RunRecord
 from fcnseg.engine.runtime import seed_everything
 from fcnseg.engine.trainer import Trainer, TrainingInterrupted
 from fcnseg.errors import UserError
@@ -41,7 +42,14 @@ def tiny_model(**backbone_options):
 
 
 def tiny_trainer(
-    run_dir, *, train_set=None, val_set=None, backbone_options=None, optimizer=None, **options
+    run_dir,
+    *,
+    train_set=None,
+    val_set=None,
+    backbone_options=None,
+    optimizer=None,
+    hooks=(),
+    **options,
 ) -> Trainer:
     """A CPU trainer of ``tiny_model`` on 32-px synthetic crops (options override)."""
     model = tiny_model(**(backbone_options or {}))
@@ -78,8 +86,8 @@ def tiny_trainer(
         ),
         loss=SegLoss(),
         run_dir=run_dir,
-        config={"test": True},
-        class_names=[f"c{i}" for i in range(NUM_CLASSES)],
+        record=RunRecord(class_names=[f"c{i}" for i in range(NUM_CLASSES)], config={"test": True}),
+        hooks=hooks,
     )
 
 

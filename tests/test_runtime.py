@@ -10,6 +10,7 @@ import torch
 from test_resume import NUM_CLASSES, one_thread, tiny_trainer  # noqa: F401 - fixture
 
 from fcnseg.engine import runtime
+from fcnseg.engine.record import RunRecord
 from fcnseg.engine.summary import run_summary
 from fcnseg.errors import UserError
 from fcnseg.utils.distributed import resolve_device
@@ -162,8 +163,9 @@ def test_the_start_up_block_says_what_auto_picked_and_why(tmp_path, monkeypatch)
     trainer = tiny_trainer(tmp_path, amp="auto")
     assert trainer.runtime.amp == "none"
     lines = run_summary(
-        config={}, settings=trainer.settings, runtime=trainer.runtime, sizes={"train": 8},
-        optimizer=trainer.optimizer, scheduler=trainer.scheduler, start=0, run_dir=tmp_path,
+        record=RunRecord(class_names=["a"]), settings=trainer.settings, runtime=trainer.runtime,
+        sizes={"train": 8}, optimizer=trainer.optimizer, scheduler=trainer.scheduler, start=0,
+        run_dir=tmp_path,
     )  # fmt: skip
     assert lines[3].startswith(
         "runtime: cpu x 1 process(es), amp none (picked by trainer.amp=auto: this CPU has no "

@@ -31,7 +31,15 @@ def test_run_directory_layout(run_dir):
 def test_best_checkpoint_holds_the_model_not_the_optimizer(run_dir):
     best = torch.load(run_dir / "checkpoints" / "best.pt", weights_only=True)
     last = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
-    assert set(best) == {"model", "model_description", "config", "iteration", "best_miou"}
+    assert set(best) == {
+        "model",
+        "model_description",
+        "config",
+        "iteration",
+        "best_miou",
+        "weights",
+    }
+    assert best["weights"] == "live"
     for key, value in best["model"].items():  # the same weights (2 iterations, one evaluation)
         torch.testing.assert_close(value, last["model"][key], rtol=0, atol=0)
     assert best["best_miou"] == json.loads((run_dir / "metrics.json").read_text())["miou"]

@@ -15,6 +15,7 @@ from fcnseg.data import SyntheticShapes, build_transforms
 from fcnseg.engine.loggers import Evaluation
 from fcnseg.engine.loggers.tensorboard import write_evaluation
 from fcnseg.engine.loss import SegLoss
+from fcnseg.engine.record import RunRecord
 from fcnseg.engine.trainer import Trainer
 from fcnseg.metrics import SegMetrics
 from fcnseg.models.builder import build_model_from_config
@@ -136,8 +137,7 @@ def test_training_tensorboard_has_the_figures(tmp_path):
         optimizer=lambda params: torch.optim.SGD(params, lr=1e-3),
         scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0),
         run_dir=tmp_path,
-        config=config,
-        class_names=ds["class_names"],
+        record=RunRecord.from_config(config),
         loss=SegLoss(),
     )
     trainer.fit()

@@ -9,15 +9,22 @@ from typing import Any
 import torch
 from torch import nn
 
+from fcnseg.engine.runtime import seed_everything
 from fcnseg.engine.step import NonFiniteLossError
 from fcnseg.errors import UserError
-from fcnseg.utils.checkpoint import error_summary, load_checkpoint, rng_state, save_checkpoint
+from fcnseg.utils.checkpoint import (
+    error_summary,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from fcnseg.utils.distributed import all_gather_object, max_restarts, on_main, restart_count
 
 # best.pt is for evaluation, prediction and staged training (model.init_from): the weights and
 # what they were trained with. The optimizer state (as large again as the weights with SGD
 # momentum, twice with Adam) stays in last.pt, from which a run continues.
-BEST_KEYS = ("model", "model_description", "config", "iteration", "best_miou")
+BEST_KEYS = ("model", "model_description", "config", "iteration", "best_miou", "weights")
 
 
 def write_checkpoint(state: dict[str, Any], path: Path) -> Path:
@@ -93,6 +100,50 @@ def restore(
     if scaler.is_enabled() and ckpt.get("scaler"):
         scaler.load_state_dict(ckpt["scaler"])
     return ckpt
+
+
+def resume_trainer(trainer: Any, resume: bool | str) -> bool:
+    """Puts ``trainer`` (a ``fcnseg.engine.trainer.Trainer``, which imports this module) where
+    the checkpoint ``resume`` names (``resume_path``) left its run: weights, optimizer, schedule,
+    scaler, counters, the hooks' states and this process's random generators; ``False`` when
+    ``trainer.resume=auto`` finds no checkpoint (a new run)."""
+    last = trainer.run_dir / "checkpoints" / "last.pt"
+    path = resume_path(last, resume)
+    if path is None:
+        trainer.log.info("trainer.resume=auto: no %s yet, starting a new run", last)
+        return False
+    ckpt = restore(
+        path, model=trainer.model, optimizer=trainer.optimizer, scheduler=trainer.scheduler,
+        scaler=trainer.step.scaler,
+    )  # fmt: skip
+    trainer.iteration = int(ckpt["iteration"])
+    trainer.best_miou = float(ckpt.get("best_miou", -1.0))
+    trainer.skips.count = int(ckpt.get("skipped_steps", 0))
+    trainer.pending_eval = bool(ckpt.get("pending_eval", False))
+    trainer.last_saved = trainer.iteration if path.resolve() == last.resolve() else None
+    saved_hooks = ckpt.get("hooks", {})
+    for hook in trainer.hooks:
+        if hook.name in saved_hooks:
+            hook.load_state_dict(saved_hooks[hook.name])
+        elif hook.state_dict():
+            trainer.log.warning(
+                "%s holds no state of hook %s: it starts afresh at iteration %d",
+                path, hook.name, trainer.iteration,
+            )  # fmt: skip
+    saved_position, position = ckpt.get("data"), trainer.data_position()
+    if saved_position is not None and saved_position != position:
+        trainer.log.warning(
+            "the checkpoint's data stream was %s and is now %s: the samples after iteration %d "
+            "differ from those an uninterrupted run would have seen",
+            saved_position, position, trainer.iteration,
+        )  # fmt: skip
+    states = ckpt.get("rng")
+    if isinstance(states, list) and len(states) == trainer.dist.world_size:
+        set_rng_state(states[trainer.dist.rank])
+    else:  # another number of processes: fresh, but still seeded, streams
+        seed_everything(trainer.settings.seed + trainer.dist.rank + 1_000_003 * trainer.iteration)
+    trainer.log.info("resumed from %s at iteration %d", path, trainer.iteration)
+    return True
 
 
 def restart_warnings(run_dir: Path, resume: bool | str) -> list[str]:

@@ -3,13 +3,17 @@ gradient scaler's skipped updates, counted and said."""
 
 from __future__ import annotations
 
+import collections
 import logging
 from collections.abc import Iterable
 from pathlib import Path
 
 import torch
 
-from fcnseg.engine.step import NonFiniteLossError
+from fcnseg.engine.step import NonFiniteLossError, StepResult
+
+# A run whose updates are skipped this often (over this many steps) is said not to be learning.
+SKIPPED_WINDOW, SKIPPED_SHARE, SKIPPED_MIN_STEPS = 20, 0.5, 4
 
 
 class SkippedUpdates:
@@ -25,6 +29,45 @@ class SkippedUpdates:
 
     def __init__(self, policy: str, log: logging.Logger, count: int = 0) -> None:
         self.policy, self.log, self.count = policy, log, count
+        self.recent: collections.deque[bool] = collections.deque(maxlen=SKIPPED_WINDOW)
+
+    def note(
+        self,
+        result: StepResult,
+        *,
+        step: int,
+        scale: float | None,
+        parameters: Iterable[torch.Tensor],
+        checkpoint: Path,
+        saved_at: int | None,
+    ) -> None:
+        """Step ``step`` gave ``result`` (``TrainStep``); ``scale`` is the fp16 gradient scale
+        after it (``None`` without a scaler). Counts and says a skipped update, applies
+        ``nan_policy`` (``non_finite``), and warns once per window when most recent updates were
+        skipped: a run in that state (fp16 gradients overflowing at every step, a loss that keeps
+        turning NaN) barely learns, however few warnings each skip gave."""
+        self.recent.append(not result.finite or result.overflow)
+        steps, skipped = len(self.recent), sum(self.recent)
+        if steps >= SKIPPED_MIN_STEPS and skipped >= SKIPPED_SHARE * steps:
+            if scale is not None:
+                advice = (
+                    f"the fp16 gradient scale is down to {scale:g}; lower optimizer.lr, or train "
+                    f"with trainer.amp=bf16 (wider range) or none"
+                )
+            else:
+                advice = "lower optimizer.lr"
+            self.log.warning(
+                "%d of the last %d updates were skipped: the model is barely training (%s)",
+                skipped, steps, advice,
+            )  # fmt: skip
+            self.recent.clear()  # said again only after as many steps more
+        if not result.finite:
+            self.non_finite(
+                result.loss, step=step, parameters=parameters, checkpoint=checkpoint,
+                saved_at=saved_at,
+            )  # fmt: skip
+        elif result.overflow:  # fp16: the scaler skipped this update
+            self.overflow(step=step, scale=scale)
 
     def non_finite(
         self,

@@ -8,7 +8,6 @@ loss, then the optimizer and the learning-rate schedule.
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import math
 import warnings
@@ -28,8 +27,6 @@ from fcnseg.utils.logging import get_logger
 # cuDNN autotunes every new input shape; past this many shapes (training on whole images of
 # varying sizes rather than fixed crops) the tuning costs more than it saves and is turned off.
 BENCHMARK_MAX_SHAPES = 8
-# A run whose updates are skipped this often (over this many steps) is said not to be learning.
-SKIPPED_WINDOW, SKIPPED_SHARE, SKIPPED_MIN_STEPS = 20, 0.5, 4
 # PyTorch's warning when a schedule steps before its optimizer has (a skipped first update).
 SCHEDULER_BEFORE_OPTIMIZER = r"Detected call of `lr_scheduler\.step\(\)` before `optimizer"
 
@@ -123,7 +120,6 @@ class TrainStep:
         # everywhere else (evaluation, other code in the same process).
         self.benchmark = cudnn_benchmark and runtime.device.type == "cuda"
         self._shapes: set[tuple[int, ...]] = set()
-        self._skipped: collections.deque[bool] = collections.deque(maxlen=SKIPPED_WINDOW)
 
     def __call__(
         self, images: torch.Tensor, targets: torch.Tensor, *, stop_requested: bool = False
@@ -173,30 +169,7 @@ class TrainStep:
             # PyTorch's warning that the optimizer has not stepped yet would only alarm.
             warnings.filterwarnings("ignore", message=SCHEDULER_BEFORE_OPTIMIZER)
             self.scheduler.step()
-        self._note_skipped(not finite or overflow)
         return StepResult(loss=value, finite=finite, stop=stops > 0, overflow=overflow)
-
-    def _note_skipped(self, skipped: bool) -> None:
-        """Warns once per window when most recent updates were skipped: a run in that state
-        (fp16 gradients overflowing at every step, a loss that keeps turning NaN) barely learns,
-        however few warnings each skip gave."""
-        self._skipped.append(skipped)
-        steps, count = len(self._skipped), sum(self._skipped)
-        if steps < SKIPPED_MIN_STEPS or count < SKIPPED_SHARE * steps:
-            return
-        if self.scaler.is_enabled():
-            advice = (
-                f"the fp16 gradient scale is down to {self.scaler.get_scale():g}; lower "
-                f"optimizer.lr, or train with trainer.amp=bf16 (wider range) or none"
-            )
-        else:
-            advice = "lower optimizer.lr"
-        if self.runtime.dist.is_main:
-            get_logger().warning(
-                "%d of the last %d updates were skipped: the model is barely training (%s)",
-                count, steps, advice,
-            )  # fmt: skip
-        self._skipped.clear()  # said again only after as many steps more
 
     def _grad_sync(self, *, last: bool) -> contextlib.AbstractContextManager:
         """DDP all-reduces gradients after the last micro-batch only."""

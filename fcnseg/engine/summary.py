@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from fcnseg.engine.record import RunRecord
 from fcnseg.engine.runtime import Runtime
 from fcnseg.engine.settings import TrainSettings
 from fcnseg.models.backbones.weights import RANDOM_INIT
@@ -16,7 +17,7 @@ from fcnseg.models.backbones.weights import RANDOM_INIT
 
 def run_summary(
     *,
-    config: Mapping[str, Any],
+    record: RunRecord,
     settings: TrainSettings,
     runtime: Runtime,
     sizes: Mapping[str, int | None],
@@ -29,33 +30,25 @@ def run_summary(
     """One line each: data, model, recipe, precision and devices, the run.
 
     Args:
-        config: the run's resolved configuration (its ``dataset``, ``backbone``, ``head``).
+        record: the run's facts (dataset, backbone, head, where the weights come from).
         settings, runtime: the run's settings and where it runs.
         sizes: images per split, e.g. ``{"train": 367, "val": 101}``.
         optimizer, scheduler: as built.
         start: the first iteration this process runs (after a resume, the next one).
         run_dir: where the run writes.
         model: the model as built; its backbone's ``weights_source`` (the file read and its
-            sha256) says where the initial weights came from, else the config does.
+            sha256) says where the initial weights came from, else the record does.
     """
     s, group, dist = settings, optimizer.param_groups[0], runtime.dist
-    ds, backbone = config.get("dataset", {}), config.get("backbone", {})
     splits = ", ".join(f"{split} {n if n is not None else '?'}" for split, n in sizes.items())
     source = getattr(getattr(model, "backbone", None), "weights_source", None)
-    if isinstance(source, str) and source != RANDOM_INIT:
-        weights = source
-    elif backbone.get("weights"):
-        weights = f"weights from {backbone['weights']}"
-    elif backbone.get("pretrained"):
-        weights = "ImageNet weights from torchvision"
-    else:
-        weights = "from scratch"
+    weights = source if isinstance(source, str) and source != RANDOM_INIT else record.weights
     effective = s.batch_size * dist.world_size * s.accumulate
     lr = group.get("initial_lr", group["lr"])
     return [
-        f"data: {ds.get('name', '?')} at {ds.get('root') or '(built in)'}; {splits} images; "
-        f"crop {ds.get('crop_size')}",
-        f"model: backbone {_name(backbone)} ({weights}), head {_name(config.get('head', {}))}",
+        f"data: {record.dataset} at {record.data_root or '(built in)'}; {splits} images; "
+        f"crop {record.crop_size}",
+        f"model: backbone {record.backbone} ({weights}), head {record.head}",
         f"recipe: {type(optimizer).__name__} lr {lr:g} (not scaled with the batch), "
         f"{type(scheduler).__name__}, iterations {start + 1}-{s.max_iters}; {s.batch_size} "
         f"images per process x {dist.world_size} process(es) x {s.accumulate} accumulation "
@@ -66,8 +59,3 @@ def run_summary(
         f"run directory: {run_dir}",
         f"cpu threads: {runtime.threads_summary}",
     ]
-
-
-def _name(node: Mapping[str, Any]) -> str:
-    target = node.get("_target_", "?")
-    return target.rsplit(".", 1)[-1]

@@ -19,13 +19,14 @@ A run loses at most the step in progress:
 
 A run directory belongs to one run (``fcnseg.engine.run_dir``), and nothing is written into it
 before the run is accepted there.
+
+``fit`` is the loop alone; the progress bar, log lines, evaluations, checkpoints and the stop on
+signal are hooks (``fcnseg.engine.hooks``), and so is whatever users add (``hooks=``).
 """
 
 from __future__ import annotations
 
 import itertools
-import json
-import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -36,38 +37,50 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Dataset
 
 from fcnseg.data.loader import eval_loader, train_loader
-from fcnseg.engine.checkpointer import restart_warnings, restore, resume_path, write_checkpoint
+from fcnseg.engine.checkpointer import restart_warnings, resume_trainer, write_checkpoint
 from fcnseg.engine.evaluator import evaluate, spread
+from fcnseg.engine.hooks import (
+    BatchNormRecalibration,
+    Checkpointer,
+    Hook,
+    PeriodicEvaluation,
+    Progress,
+    StopOnSignal,
+    TrainLog,
+)
 from fcnseg.engine.loggers import Evaluation, ExperimentLogger, LoggerGroup, TensorBoardLogger
 from fcnseg.engine.loss import SegLoss
 from fcnseg.engine.optim import build_optimizer
 from fcnseg.engine.preemption import StopSignals, TrainingInterrupted, shielded
+from fcnseg.engine.record import RunRecord
 from fcnseg.engine.run_dir import (
     check_room,
     check_validation_split,
     checkpoint_size,
     claim_run_dir,
-    size_of,
 )
 from fcnseg.engine.runtime import Runtime, seed_everything
 from fcnseg.engine.settings import TrainSettings
 from fcnseg.engine.skips import SkippedUpdates
 from fcnseg.engine.step import NonFiniteLossError, TrainStep
-from fcnseg.engine.summary import run_summary
 from fcnseg.metrics import SegMetrics
-from fcnseg.models.builder import describe
-from fcnseg.models.description import KEY
-from fcnseg.models.norm import recalibrate_batch_norm
-from fcnseg.utils.checkpoint import set_rng_state
+from fcnseg.models.description import KEY, describe
 from fcnseg.utils.distributed import (
     all_reduce_sum,
     broadcast_buffers,
     on_main,
     shared_run_dir,
 )
-from fcnseg.utils.logging import progress, setup_logging
+from fcnseg.utils.logging import setup_logging
 
-__all__ = ["NonFiniteLossError", "Trainer", "TrainingInterrupted", "TrainSettings"]
+__all__ = [
+    "Hook",
+    "NonFiniteLossError",
+    "RunRecord",
+    "Trainer",
+    "TrainingInterrupted",
+    "TrainSettings",
+]
 
 
 class Trainer:
@@ -87,16 +100,16 @@ class Trainer:
         loss: the training loss (its ``ignore_index`` is the label value excluded from the
             metrics too).
         run_dir: output folder.
-        config: the run's resolved configuration, stored in checkpoints.
-        class_names: one name per class.
-        normalize: the input normalisation, to show images in TensorBoard.
+        record: the run's facts: classes, palette, normalisation, names, the resolved
+            configuration stored in checkpoints (``RunRecord``).
         batching: ``pad`` or ``bucket``: how training batches of different image sizes are
             formed (``fcnseg.data.loader.train_loader``).
-        resume_command: the command that resumes this run, shown when it is interrupted.
         runtime: the device, group and precision, when the caller set them up (else from
             ``settings``).
         loggers: ``(run_dir=, resume_from=) -> ExperimentLogger`` factories
             (``fcnseg.engine.loggers``), called on rank 0; TensorBoard alone by default.
+        hooks: the user's ``Hook``s, called in this order between the engine's own
+            (``fcnseg.engine.hooks``).
     """
 
     def __init__(
@@ -110,23 +123,21 @@ class Trainer:
         scheduler: Callable[[torch.optim.Optimizer], Any],
         loss: SegLoss,
         run_dir: str | Path,
-        config: dict[str, Any],
-        class_names: Sequence[str],
-        normalize: str = "imagenet",
+        record: RunRecord,
         batching: str = "pad",
-        resume_command: str | None = None,
         runtime: Runtime | None = None,
         loggers: Sequence[Callable[..., ExperimentLogger]] | None = None,
+        hooks: Sequence[Hook] = (),
     ) -> None:
         s = self.settings = settings
-        self.train_set, self.val_set, self.config = train_set, val_set, config
-        self.class_names, self.ignore_index = list(class_names), loss.ignore_index
-        self.normalize, self.batching, self.resume_command = normalize, batching, resume_command
+        self.train_set, self.val_set, self.record = train_set, val_set, record
+        self.class_names, self.ignore_index = list(record.class_names), loss.ignore_index
+        self.batching = batching
         # What checkpoints say the network is (``fcnseg.models.description``), read before the
         # runtime wraps the model.
         self.description = describe(
-            model, class_names=class_names, palette=config.get("dataset", {}).get("palette"),
-            ignore_index=loss.ignore_index, normalize=normalize,
+            model, class_names=self.class_names, palette=record.palette,
+            ignore_index=loss.ignore_index, normalize=record.normalize,
         )  # fmt: skip
 
         self.runtime = runtime or Runtime.from_settings(s)
@@ -154,16 +165,28 @@ class Trainer:
             accumulate=s.accumulate, keep_buffers=s.nan_policy == "skip",
             cudnn_benchmark=s.cudnn_benchmark,
         )  # fmt: skip
+        # The user's hooks see the step and decide before the engine evaluates and saves.
+        recalibration = [BatchNormRecalibration()] if s.bn_recalibration else []
+        self.hooks: list[Hook] = [
+            *recalibration, Progress(), TrainLog(), *hooks, PeriodicEvaluation(), Checkpointer(),
+            StopOnSignal(),
+        ]  # fmt: skip
+        for hook in self.hooks:
+            if not isinstance(hook, Hook):
+                raise TypeError(f"{hook!r} is not a fcnseg.engine.hooks.Hook")
+            hook.trainer = self
 
         self.iteration = 0
         self.best_miou = -1.0
         self.skips = SkippedUpdates(s.nan_policy, self.log)  # nan_policy, fp16 overflows
         self.pending_eval = False  # an evaluation is due at this iteration (e.g. cut short)
         self.metrics: dict[str, Any] = {}
-        self._last_saved: int | None = None  # iteration held by run_dir's last.pt
+        self.last_loss = float("nan")  # the latest step's mean loss, for the hooks
+        self.last_saved: int | None = None  # iteration held by run_dir's last.pt
+        self.outcome = "failed"  # until fit ends or a stop signal is honoured
         self._signals: StopSignals | None = None
-        self._stopping = False  # every process agreed to stop after this step
-        resumed = self._resume(s.resume) if s.resume else False
+        self.stopping = False  # every process agreed to stop after this step
+        resumed = resume_trainer(self, s.resume) if s.resume else False
         # Before the first step: what the first evaluation and save need.
         check_validation_split(self.val_set)
         on_main(lambda: check_room(self.run_dir / "checkpoints", checkpoint_size(self.optimizer)))
@@ -176,8 +199,8 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         """Trains to ``max_iters`` and returns the last evaluation's metrics.
 
-        Every way out (the end, a stop signal, an error) stops the loader's workers, closes
-        the loggers and releases the run directory.
+        Every way out (the end, a stop signal, an error) calls the hooks' ``after_train``,
+        stops the loader's workers and releases the run directory.
 
         Raises:
             TrainingInterrupted: a stop signal arrived; ``last.pt`` holds the last complete step.
@@ -193,76 +216,68 @@ class Trainer:
                 batching=self.batching,
             )
         )  # fmt: skip
-        self._announce()
-        if self.iteration >= s.max_iters:  # already complete: report its metrics again
-            self.pending_eval = True
-        bar = progress(
-            total=s.max_iters, initial=self.iteration, desc="train", enabled=self.dist.is_main
-        )
         with self.runtime.untouched_rng():
             batches = iter(loader)
-        outcome = "failed"  # until the loop ends or a stop signal is honoured
+        self.outcome = "failed"
         try:
             with StopSignals(self.log, self.dist) as self._signals:
-                if s.bn_recalibration and self.iteration == 0:  # a new run, not a resumed one
-                    self._recalibrate_batch_norm()
                 self.step.module.train()
-                tic = time.perf_counter()
-                while not self._stopping and (self.pending_eval or self.iteration < s.max_iters):
-                    if self.pending_eval:
-                        self._evaluate_and_save()
-                        tic = time.perf_counter()
-                        continue
-                    loss = self.run_step(*next(batches))
-                    bar.update()
-                    if self.iteration % s.log_interval == 0 or self.iteration == s.max_iters:
-                        self._log_train(loss, time.perf_counter() - tic)
-                        bar.set_postfix(loss=f"{loss:.4f}")
-                        tic = time.perf_counter()
-                    self.pending_eval = (
-                        self.iteration % s.eval_interval == 0 or self.iteration == s.max_iters
-                    )
-                    if not (self.pending_eval or self._stopping) and (
-                        self.iteration % s.checkpoint_interval == 0
-                    ):
-                        self.save("last.pt")
-                if self._stopping:
-                    outcome = "interrupted"
-                    raise self._interrupted()
-            for path in (self.run_dir / "checkpoints" / "best.pt", self.run_dir / "metrics.json"):
-                self.loggers.log_artifact(path)  # kept with the run by loggers that keep files
-            outcome = "finished"
+                self._call("before_train")
+                while self.iteration < s.max_iters:
+                    self.last_loss = self.run_step(*next(batches))
+                    self._call("after_step")
+            self.outcome = "finished"
+        except TrainingInterrupted:
+            self.outcome = "interrupted"
+            raise
         finally:
             self._signals = None
             batches.close()
-            bar.close()
-            self.loggers.close(outcome)
-            torch.backends.cudnn.benchmark = self._cudnn_benchmark
-            self.close()
+            try:
+                self._call("after_train")
+            finally:
+                torch.backends.cudnn.benchmark = self._cudnn_benchmark
+                self.close()
         return self.metrics
 
     def run_step(self, images: torch.Tensor, targets: torch.Tensor) -> float:
         """One optimizer step (``TrainStep``), then ``nan_policy``; returns the mean loss."""
         result = self.step(images, targets, stop_requested=self._stop_requested())
-        self._stopping = self._stopping or result.stop
-        if not result.finite:
-            self.skips.non_finite(
-                result.loss, step=self.iteration + 1, parameters=self.model.parameters(),
-                checkpoint=self.run_dir / "checkpoints" / "last.pt", saved_at=self._last_saved,
-            )  # fmt: skip
-        elif result.overflow:  # fp16: the scaler skipped this update; counted and said
-            self.skips.overflow(step=self.iteration + 1, scale=self.step.scaler.get_scale())
+        self.stopping = self.stopping or result.stop
+        scaler = self.step.scaler
+        self.skips.note(
+            result, step=self.iteration + 1, parameters=self.model.parameters(),
+            scale=scaler.get_scale() if scaler.is_enabled() else None,
+            checkpoint=self.run_dir / "checkpoints" / "last.pt", saved_at=self.last_saved,
+        )  # fmt: skip
         self.iteration += 1
         return result.loss
 
-    def validate(self) -> dict[str, Any] | None:
-        """Scores the validation split (whole images, exact under DDP); rank 0 logs it.
+    def evaluate(self) -> dict[str, Any] | None:
+        """Scores the live weights (``validate``), then calls every hook's ``after_eval``.
+
+        ``last.pt`` is written first, so an evaluation that fails costs no steps. Returns the
+        metrics, or ``None`` when a stop signal cut the evaluation short.
+        """
+        if self.last_saved != self.iteration:
+            self.save("last.pt")
+        metrics = self.validate()
+        if metrics is None:  # cut short by a stop signal: the resumed run evaluates again
+            return None
+        self.metrics = {**metrics, "skipped_steps": self.skips.count}
+        self._call("after_eval", self.metrics)
+        return self.metrics
+
+    def validate(self, model: nn.Module | None = None, name: str = "val") -> dict[str, Any] | None:
+        """Scores ``model`` (the live weights by default) on the validation split (whole
+        images, exact under DDP); rank 0 logs it under ``name`` (``val/miou`` ...).
 
         Returns the metrics, or ``None`` when a stop signal cut the evaluation short (every
         process agrees). Random generators are left as they were, so evaluating does not change
         the training that follows.
         """
-        broadcast_buffers(self.model)
+        model = self.model if model is None else model
+        broadcast_buffers(model)
         loader = shielded(
             eval_loader(
                 self.val_set, batch_size=self.settings.eval_batch_size,
@@ -273,24 +288,22 @@ class Trainer:
         scorer = SegMetrics(len(self.class_names), self.ignore_index, self.class_names)
         with self.runtime.untouched_rng(), self.runtime.cudnn_benchmark(False):
             metrics, samples = evaluate(
-                self.model, self._until_stop(loader), scorer, device=self.device,
+                model, self._until_stop(loader), scorer, device=self.device,
                 autocast=self.runtime.autocast(), keep=spread(len(loader), self.settings.num_vis),
                 memory_format=self.runtime.memory_format,
             )  # fmt: skip
         flag = torch.tensor([float(self._stop_requested())], device=self.device)
-        self._stopping = all_reduce_sum(flag).item() > 0 or self._stopping
-        if self._stopping:
+        self.stopping = all_reduce_sum(flag).item() > 0 or self.stopping
+        if self.stopping:
             return None
         if self.dist.is_main:
             self.log.info(
-                "iteration %d: mIoU %.4f, pixel acc %.4f, mean acc %.4f, fwIoU %.4f",
-                self.iteration, metrics["miou"], metrics["pixel_acc"], metrics["mean_acc"],
-                metrics["fwiou"],
+                "iteration %d: %smIoU %.4f, pixel acc %.4f, mean acc %.4f, fwIoU %.4f",
+                self.iteration, "" if name == "val" else f"{name} ", metrics["miou"],
+                metrics["pixel_acc"], metrics["mean_acc"], metrics["fwiou"],
             )  # fmt: skip
-            colors = self.config.get("dataset", {}).get("palette") or getattr(
-                self.val_set, "palette", None
-            )  # the dataset's own colours, as evaluate.py draws them
-            evaluation = Evaluation(metrics, samples, self.normalize, colors)
+            colors = self.record.palette or getattr(self.val_set, "palette", None)
+            evaluation = Evaluation(metrics, samples, self.record.normalize, colors, prefix=name)
             self.loggers.log_evaluation(evaluation, self.iteration)
         return metrics
 
@@ -302,6 +315,7 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
         """Everything a resumed run needs, but the random generators (see ``save``)."""
+        hooks = {hook.name: state for hook in self.hooks if (state := hook.state_dict())}
         return {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -311,52 +325,29 @@ class Trainer:
             "best_miou": self.best_miou,
             "skipped_steps": self.skips.count,
             "pending_eval": self.pending_eval,
-            "data": self._data_position(),
-            "config": self.config,
+            "data": self.data_position(),
+            "config": dict(self.record.config),
+            **({"hooks": hooks} if hooks else {}),
             **({KEY: self.description.to_dict()} if self.description is not None else {}),
         }
 
-    def save(self, name: str) -> Path:
+    def save(self, name: str, *, weights: dict[str, torch.Tensor] | None = None) -> Path:
         """Writes ``run_dir/checkpoints/<name>`` (``write_checkpoint``) and returns its path.
 
-        Every process must call it: each one's random generator states go into the file.
+        ``weights`` replace the live model's (``best.pt`` of EMA weights), which the file then
+        names in ``weights``. Every process must call it: each one's random generator states go
+        into the file.
         """
-        path = write_checkpoint(self.state_dict(), self.run_dir / "checkpoints" / name)
+        state = self.state_dict()
+        state["weights"] = "live" if weights is None else "ema"
+        if weights is not None:
+            state["model"] = weights
+        path = write_checkpoint(state, self.run_dir / "checkpoints" / name)
         if name == "last.pt":
-            self._last_saved = self.iteration
+            self.last_saved = self.iteration
         return path
 
-    def _resume(self, resume: bool | str) -> bool:
-        last = self.run_dir / "checkpoints" / "last.pt"
-        path = resume_path(last, resume)
-        if path is None:
-            self.log.info("trainer.resume=auto: no %s yet, starting a new run", last)
-            return False
-        ckpt = restore(
-            path, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
-            scaler=self.step.scaler,
-        )  # fmt: skip
-        self.iteration = int(ckpt["iteration"])
-        self.best_miou = float(ckpt.get("best_miou", -1.0))
-        self.skips.count = int(ckpt.get("skipped_steps", 0))
-        self.pending_eval = bool(ckpt.get("pending_eval", False))
-        self._last_saved = self.iteration if path.resolve() == last.resolve() else None
-        saved_position, position = ckpt.get("data"), self._data_position()
-        if saved_position is not None and saved_position != position:
-            self.log.warning(
-                "the checkpoint's data stream was %s and is now %s: the samples after iteration %d "
-                "differ from those an uninterrupted run would have seen",
-                saved_position, position, self.iteration,
-            )  # fmt: skip
-        states = ckpt.get("rng")
-        if isinstance(states, list) and len(states) == self.dist.world_size:
-            set_rng_state(states[self.dist.rank])
-        else:  # another number of processes: fresh, but still seeded, streams
-            seed_everything(self.settings.seed + self.dist.rank + 1_000_003 * self.iteration)
-        self.log.info("resumed from %s at iteration %d", path, self.iteration)
-        return True
-
-    def _data_position(self) -> dict[str, int]:
+    def data_position(self) -> dict[str, int]:
         """What the data stream's position depends on besides the iteration."""
         s = self.settings
         return {
@@ -367,34 +358,6 @@ class Trainer:
         }
 
     # ------------------------------------------------------------------ helpers
-    def _recalibrate_batch_norm(self) -> None:
-        """``trainer.bn_recalibration`` training batches forward to average the BatchNorm
-        statistics (``fcnseg.models.norm``), from a loader of their own and with the random
-        generators put back: the training that follows is the one a run without it sees."""
-        s = self.settings
-        loader = train_loader(
-            self.train_set, batch_size=s.batch_size, num_workers=s.num_workers, seed=s.seed,
-            rank=self.dist.rank, world_size=self.dist.world_size, ignore_index=self.ignore_index,
-            batching=self.batching,
-        )  # fmt: skip
-        with self.runtime.untouched_rng(), iter(shielded(loader)) as batches:
-            first = itertools.islice(batches, s.bn_recalibration)
-            with self.runtime.autocast():
-                layers, seen = recalibrate_batch_norm(
-                    self.model, (self.runtime.inputs(images) for images, _ in first)
-                )
-        if not layers:
-            self.log.warning(
-                "trainer.bn_recalibration=%d: the model has no BatchNorm layer with running "
-                "statistics to recalibrate (frozen ones keep theirs)", s.bn_recalibration,
-            )  # fmt: skip
-            return
-        self.log.info(
-            "trainer.bn_recalibration=%d: the running statistics of %d BatchNorm layers "
-            "averaged over %d training batches of %d images",
-            s.bn_recalibration, layers, seen, s.batch_size,
-        )  # fmt: skip
-
     def _stop_requested(self) -> bool:
         return self._signals is not None and self._signals.received is not None
 
@@ -403,59 +366,19 @@ class Trainer:
         with iter(loader) as batches:
             yield from itertools.takewhile(lambda _: not self._stop_requested(), batches)
 
-    def _evaluate_and_save(self) -> None:
-        if self._last_saved != self.iteration:  # an evaluation that fails costs no steps
-            self.save("last.pt")
-        metrics = self.validate()
-        if metrics is None:  # cut short by a stop signal: the resumed run evaluates again
-            return
-        self.pending_eval = False
-        self.metrics = metrics = {**metrics, "skipped_steps": self.skips.count}
-        if self.dist.is_main:
-            (self.run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
-        if metrics["miou"] > self.best_miou:
-            self.best_miou = metrics["miou"]
-            self.save("best.pt")
-        self.save("last.pt")
+    def _call(self, event: str, *args: Any) -> None:
+        for hook in self.hooks:
+            getattr(hook, event)(*args)
 
-    def _interrupted(self) -> TrainingInterrupted:
+    def interrupted(self) -> TrainingInterrupted:
+        """Saves ``last.pt`` and says how to resume (``StopOnSignal``)."""
         path = self.save("last.pt")
         stop = TrainingInterrupted.after(
             self._signals.received if self._signals is not None else None,
             iteration=self.iteration, max_iters=self.settings.max_iters, checkpoint=path,
-            resume=self.resume_command or f"trainer.resume=true with run directory {self.run_dir}",
+            resume=self.record.resume_command
+            or f"trainer.resume=true with run directory {self.run_dir}",
         )  # fmt: skip
         if self.dist.is_main:
             self.log.warning(str(stop))
         return stop
-
-    def _announce(self) -> None:
-        """The start-up block (``engine/summary.py``) in the log and the loggers, which also
-        record the resolved configuration."""
-        lines = run_summary(
-            config=self.config, settings=self.settings, runtime=self.runtime,
-            sizes={"train": size_of(self.train_set), "val": size_of(self.val_set)},
-            optimizer=self.optimizer, scheduler=self.scheduler, start=self.iteration,
-            run_dir=self.run_dir, model=self.model,
-        )  # fmt: skip
-        for line in lines:
-            self.log.info(line)
-        self.loggers.log_text("run/summary", "\n\n".join(lines), self.iteration)
-        self.loggers.log_params(self.config)
-
-    def _log_train(self, loss: float, seconds: float) -> None:
-        lr = self.optimizer.param_groups[0]["lr"]
-        skipped = f", {self.skips.count} update(s) skipped" if self.skips.count else ""
-        if skipped and self.step.scaler.is_enabled():
-            skipped += f" (fp16 gradient scale {self.step.scaler.get_scale():g})"
-        self.log.info(
-            "iteration %d/%d: loss %.4f, lr %.3g, %.2f s/it%s",
-            self.iteration, self.settings.max_iters, loss, lr,
-            seconds / self.settings.log_interval, skipped,
-        )  # fmt: skip
-        scalars = {"train/loss": loss, "train/lr": lr}
-        if self.skips.count:
-            scalars["train/skipped_steps"] = self.skips.count
-        if self.step.scaler.is_enabled():
-            scalars["train/amp_scale"] = self.step.scaler.get_scale()
-        self.loggers.log_scalars(scalars, self.iteration)
