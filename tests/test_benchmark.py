@@ -457,3 +457,23 @@ def test_train_mode_times_the_training_step(tmp_path):
     assert report["settings"]["trainer"] == {
         "device": "cpu", "amp": "none", "channels_last": False, "compile": False, "accumulate": 1,
     }  # fmt: skip
+
+
+def test_deploy_mode_times_each_eager_layout_with_the_same_labels():
+    """channels_last is the same network in another memory layout: its labels equal NCHW's."""
+    report = _script_run()(
+        compose_config(
+            [
+                "bench=deploy", "trainer.device=cpu", "bench.height=40", "bench.width=48",
+                "bench.iters=1", "bench.warmup=0", "bench.threads=[1]",
+                "bench.variants=[eager_fp32,eager_fp32_channels_last]",
+            ],
+            "benchmark",
+        )
+    )  # fmt: skip
+    _check_report(report, "deploy", rows=2)
+    assert [row["variant"] for row in report["results"]] == [
+        "eager_fp32", "eager_fp32_channels_last"
+    ]  # fmt: skip
+    assert report["results"][1]["label_agreement"] == 1.0
+    assert report["summary"]["eager_fp32_channels_last_1t_vs_eager_fp32_speed"] > 0

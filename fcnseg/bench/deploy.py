@@ -1,4 +1,5 @@
-"""Real-time CPU inference, timed by runtime: eager PyTorch in fp32 and under bf16 autocast, and
+"""Real-time CPU inference, timed by runtime: eager PyTorch in fp32 (NCHW, and NHWC: channels_last,
+what oneDNN's convolutions prefer) and under bf16 autocast, and
 the same network exported at the measured size (``fcnseg.deploy``, ``input_size``: the portable
 file a deployment ships) run by onnxruntime in fp32 and statically quantized to INT8; one
 image per call (a video frame), at each thread count asked."""
@@ -6,6 +7,7 @@ image per call (a video frame), at each thread count asked."""
 from __future__ import annotations
 
 import contextlib
+import copy
 import tempfile
 from collections.abc import Sequence
 from functools import partial
@@ -19,7 +21,15 @@ from fcnseg.bench.common import count_flops, make_report, summarize, time_calls,
 from fcnseg.errors import UserError
 from fcnseg.utils.cpu import cpu_flags
 
-VARIANTS = ("eager_fp32", "eager_bf16", "onnxruntime_fp32", "onnxruntime_int8")
+CHANNELS_LAST = torch.channels_last
+
+VARIANTS = (
+    "eager_fp32",
+    "eager_fp32_channels_last",
+    "eager_bf16",
+    "onnxruntime_fp32",
+    "onnxruntime_int8",
+)
 
 
 def time_deployment(
@@ -135,14 +145,17 @@ def _measure(
 
     use_threads(threads)
     nets: dict[str, Any] = {v: model for v in variants if v.startswith("eager")}
+    if "eager_fp32_channels_last" in nets:
+        nets["eager_fp32_channels_last"] = copy.deepcopy(model).to(memory_format=CHANNELS_LAST)
     for name in variants:
         if name in files:
             nets[name] = OnnxModel(files[name], providers=["CPUExecutionProvider"], threads=threads)
 
     def predict(name: str) -> torch.Tensor:
         autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=name == "eager_bf16")
+        layout = CHANNELS_LAST if name == "eager_fp32_channels_last" else torch.contiguous_format
         with torch.inference_mode(), autocast:
-            return nets[name](images).argmax(1)
+            return nets[name](images.to(memory_format=layout)).argmax(1)
 
     reference = predict("eager_fp32") if "eager_fp32" in nets else None
     agreement = {
