@@ -129,6 +129,11 @@ def test_an_object_that_is_not_a_hook_is_refused(tmp_path):
         tiny_trainer(tmp_path, hooks=[object()])
 
 
+def test_two_hooks_with_one_name_are_refused(tmp_path):
+    with pytest.raises(TypeError, match="two hooks are named LossTally"):
+        tiny_trainer(tmp_path, hooks=[LossTally(), LossTally()])
+
+
 HOOK_MODULE = '''
 import json
 from fcnseg.engine.hooks import Hook

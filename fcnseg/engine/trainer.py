@@ -175,6 +175,10 @@ class Trainer:
             if not isinstance(hook, Hook):
                 raise TypeError(f"{hook!r} is not a fcnseg.engine.hooks.Hook")
             hook.trainer = self
+        names = [hook.name for hook in self.hooks]
+        if len(set(names)) < len(names):  # their states would share a key in last.pt
+            twice = next(name for name in names if names.count(name) > 1)
+            raise TypeError(f"two hooks are named {twice}: override `name` in one of them")
 
         self.iteration = 0
         self.best_miou = -1.0
