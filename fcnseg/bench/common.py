@@ -17,7 +17,7 @@ import resource
 import statistics
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from fcnseg.engine.runtime import CPU_BF16_FLAGS, Runtime, hardware_precision
@@ -231,6 +232,52 @@ def summarize(
     }
     row.update(extra)
     return row
+
+
+def time_variants(
+    calls: Mapping[str, Callable[[], Any]],
+    device: torch.device,
+    *,
+    warmup: int,
+    iters: int,
+    images_per_call: float,
+    flops: Mapping[str, int] | None = None,
+    rates: Mapping[str, float] | None = None,
+) -> list[dict[str, Any]]:
+    """The result rows of ``calls`` timed interleaved (``time_calls``), in their order.
+
+    ``flops``: each call's FLOPs, by name; ``rates``: counts per call (``{"windows_per_s":
+    windows}``) each reported per second of the median call.
+    """
+    timed = time_calls(calls, device=device, warmup=warmup, iters=iters)
+    return [
+        summarize(
+            name,
+            timed[name],
+            images_per_call=images_per_call,
+            flops=flops[name] if flops else None,
+            **{k: n / statistics.median(timed[name].seconds) for k, n in (rates or {}).items()},
+        )
+        for name in calls
+    ]
+
+
+def speedup(results: Sequence[Mapping[str, Any]], key: str) -> dict[str, float]:
+    """``{key: first row's images per second / second row's}`` where there are two rows."""
+    if len(results) != 2:
+        return {}
+    return {key: results[0]["images_per_s"] / results[1]["images_per_s"]}
+
+
+def with_reference(model: nn.Module, *, num_classes: int, reference: bool) -> dict[str, nn.Module]:
+    """``{"fcnseg": model}``, and with ``reference`` the plain reference VGG16 FCN-8s holding
+    the same weights (``fcnseg.models.reference``), to be measured beside it."""
+    from fcnseg.models.reference import reference_fcn8s_like
+
+    nets = {"fcnseg": model}
+    if reference:
+        nets["reference"] = reference_fcn8s_like(model, num_classes)
+    return nets
 
 
 def count_flops(fn: Callable[[], Any]) -> int:

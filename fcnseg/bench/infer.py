@@ -13,9 +13,10 @@ from fcnseg.bench.common import (
     make_report,
     random_batch,
     runtime_settings,
-    summarize,
-    time_calls,
+    speedup,
+    time_variants,
     use_threads,
+    with_reference,
 )
 from fcnseg.engine.runtime import Runtime
 
@@ -38,12 +39,8 @@ def time_inference(
     With ``reference``, the plain reference VGG16 FCN-8s holding the same weights is timed
     too, interleaved. ``threads``: PyTorch's and OpenCV's CPU threads (``None``: defaults).
     """
-    from fcnseg.models.reference import reference_fcn8s_like
-
     use_threads(threads)
-    models = {"fcnseg": model}
-    if reference:
-        models["reference"] = reference_fcn8s_like(model, num_classes)
+    models = with_reference(model, num_classes=num_classes, reference=reference)
     models = {name: runtime.prepare(m).eval() for name, m in models.items()}
     nets = {name: runtime.compiled(m) for name, m in models.items()}
     images, _ = random_batch(batch=batch, size=size, num_classes=num_classes, ignore_index=255)
@@ -55,25 +52,10 @@ def time_inference(
 
     # FLOPs on the eager modules: compiled code hides them from the counter.
     flops = {name: count_flops(partial(predict, models[name])) for name in models}
-    timed = time_calls(
-        {n: partial(predict, net) for n, net in nets.items()},
-        device=runtime.device,
-        warmup=warmup,
-        iters=iters,
+    calls = {name: partial(predict, net) for name, net in nets.items()}
+    results = time_variants(
+        calls, runtime.device, warmup=warmup, iters=iters, images_per_call=batch, flops=flops
     )
-    results = [summarize(n, timed[n], images_per_call=batch, flops=flops[n]) for n in models]
-    summary = {}
-    if reference:
-        summary["fcnseg_vs_reference_speed"] = (
-            results[0]["images_per_s"] / results[1]["images_per_s"]
-        )
-    return make_report(
-        "infer",
-        runtime.device,
-        results,
-        summary,
-        size=size,
-        batch=batch,
-        warmup=warmup,
-        trainer=runtime_settings(runtime),
-    )
+    summary = speedup(results, "fcnseg_vs_reference_speed")
+    settings = dict(size=size, batch=batch, warmup=warmup, trainer=runtime_settings(runtime))
+    return make_report("infer", runtime.device, results, summary, **settings)

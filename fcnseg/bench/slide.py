@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import statistics
 from collections.abc import Sequence
 from functools import partial
 from typing import Any
@@ -10,7 +9,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from fcnseg.bench.common import make_report, runtime_settings, summarize, time_calls, use_threads
+from fcnseg.bench.common import (
+    make_report,
+    runtime_settings,
+    speedup,
+    time_variants,
+    use_threads,
+)
 from fcnseg.engine.inference import Inference
 from fcnseg.engine.inference import _starts as window_starts
 from fcnseg.engine.runtime import Runtime
@@ -57,27 +62,19 @@ def time_sliding_window(
     def run(inf: Inference) -> torch.Tensor:
         return inf.predict(net, image, autocast=runtime.autocast())
 
-    timed = time_calls(
+    views = len(inference.views)
+    results = time_variants(
         {n: partial(run, inf) for n, inf in variants.items()},
-        device=runtime.device,
+        runtime.device,
         warmup=warmup,
         iters=iters,
+        images_per_call=1,
+        rates={"windows_per_s": windows * views},
     )
-    views = len(inference.views)
-    results = [
-        summarize(
-            n,
-            timed[n],
-            images_per_call=1,
-            windows_per_s=windows * views / statistics.median(timed[n].seconds),
-        )
-        for n in variants
-    ]
-    summary: dict[str, Any] = {"windows_per_image": windows * views}
-    if len(results) == 2:
-        summary["batched_vs_one_by_one_speed"] = (
-            results[0]["images_per_s"] / results[1]["images_per_s"]
-        )
+    summary: dict[str, Any] = {
+        "windows_per_image": windows * views,
+        **speedup(results, "batched_vs_one_by_one_speed"),
+    }
     return make_report(
         "slide",
         runtime.device,

@@ -9,15 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fcnseg.bench.common import (
-    count_flops,
-    make_report,
-    random_batch,
-    runtime_settings,
-    summarize,
-    time_calls,
-    use_threads,
-)
+from fcnseg.bench import common
 from fcnseg.engine.loss import SegLoss
 from fcnseg.engine.runtime import Runtime
 from fcnseg.engine.step import TrainStep
@@ -60,12 +52,8 @@ def time_train_step(
         accumulate, keep_buffers, cudnn_benchmark: as ``TrainStep`` takes them.
         threads: PyTorch's and OpenCV's CPU threads (``None``: their defaults).
     """
-    from fcnseg.models.reference import reference_fcn8s_like
-
-    use_threads(threads)
-    nets = {"fcnseg": model}
-    if reference:
-        nets["reference"] = reference_fcn8s_like(model, num_classes)
+    common.use_threads(threads)
+    nets = common.with_reference(model, num_classes=num_classes, reference=reference)
     steps = {}
     for name, net in nets.items():
         net = runtime.prepare(net).train()
@@ -74,32 +62,20 @@ def time_train_step(
             net, opt, scheduler(opt), SegLoss(ignore_index=ignore_index), runtime=runtime,
             accumulate=accumulate, keep_buffers=keep_buffers, cudnn_benchmark=cudnn_benchmark,
         )  # fmt: skip
-    images, targets = random_batch(
+    images, targets = common.random_batch(
         batch=batch, size=size, num_classes=num_classes, ignore_index=ignore_index
     )
     if runtime.device.type == "cuda":  # as the training loader delivers them
         images, targets = images.pin_memory(), targets.pin_memory()
     flops = {name: _step_flops(step, images, targets) for name, step in steps.items()}
     calls = {name: partial(step, images, targets) for name, step in steps.items()}
-    timed = time_calls(calls, device=runtime.device, warmup=warmup, iters=iters)
-    results = [
-        summarize(name, timed[name], images_per_call=batch, flops=flops[name]) for name in steps
-    ]
-    summary = {}
-    if reference:
-        summary["fcnseg_vs_reference_speed"] = (
-            results[0]["images_per_s"] / results[1]["images_per_s"]
-        )
-    return make_report(
-        "train",
-        runtime.device,
-        results,
-        summary,
-        size=size,
-        batch=batch,
-        warmup=warmup,
-        trainer=runtime_settings(runtime, accumulate=accumulate),
+    results = common.time_variants(
+        calls, runtime.device, warmup=warmup, iters=iters, images_per_call=batch, flops=flops
     )
+    summary = common.speedup(results, "fcnseg_vs_reference_speed")
+    trainer = common.runtime_settings(runtime, accumulate=accumulate)
+    settings = dict(size=size, batch=batch, warmup=warmup, trainer=trainer)
+    return common.make_report("train", runtime.device, results, summary, **settings)
 
 
 def _step_flops(step: TrainStep, images: torch.Tensor, targets: torch.Tensor) -> int:
@@ -111,6 +87,6 @@ def _step_flops(step: TrainStep, images: torch.Tensor, targets: torch.Tensor) ->
             logits = step.module(runtime.inputs(images))
         step.loss(logits, targets.to(runtime.device)).backward()
 
-    flops = count_flops(forward_backward)
+    flops = common.count_flops(forward_backward)
     step.optimizer.zero_grad(set_to_none=True)
     return flops

@@ -205,10 +205,13 @@ def resolve_class_weights(
         raise UserError(f"loss.class_weight_power={power!r} is not a number") from None
     if not 0 <= power <= 4:
         raise UserError(f"loss.class_weight_power={power} must lie in [0, 4]")
-    weights = _resolve(
-        spec, dataset=dataset, num_classes=num_classes, ignore_index=ignore_index,
-        identity=identity, cache_dir=cache_dir,
-    )  # fmt: skip
+    if isinstance(spec, str) and spec == MEDIAN_FREQUENCY:
+        weights = cached_median_frequency(
+            dataset, num_classes=num_classes, ignore_index=ignore_index, identity=identity,
+            cache_dir=cache_dir,
+        )  # fmt: skip
+    else:
+        weights = _given_weights(spec, num_classes=num_classes)
     if weights is None or power == 1:
         return weights
     weights = [w**power for w in weights]
@@ -216,29 +219,14 @@ def resolve_class_weights(
     return weights
 
 
-def _resolve(
-    spec: str | Sequence[float] | None,
-    *,
-    dataset: SegmentationDataset,
-    num_classes: int,
-    ignore_index: int,
-    identity: Mapping[str, Any],
-    cache_dir: str | Path | None,
-) -> list[float] | None:
+def _given_weights(spec: str | Sequence[float] | None, *, num_classes: int) -> list[float] | None:
+    """``spec`` checked as ``None`` or one finite non-negative weight per class."""
     if spec is None:
         return None
     if isinstance(spec, str):
-        if spec != MEDIAN_FREQUENCY:
-            raise UserError(
-                f"loss.class_weights={spec!r} is not null, {MEDIAN_FREQUENCY} or a list of "
-                f"{num_classes} weights"
-            )
-        return cached_median_frequency(
-            dataset,
-            num_classes=num_classes,
-            ignore_index=ignore_index,
-            identity=identity,
-            cache_dir=cache_dir,
+        raise UserError(
+            f"loss.class_weights={spec!r} is not null, {MEDIAN_FREQUENCY} or a list of "
+            f"{num_classes} weights"
         )
     if not isinstance(spec, Sequence):
         raise UserError(f"loss.class_weights={spec!r} is not null, {MEDIAN_FREQUENCY} or a list")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -45,11 +46,10 @@ class TrainingSampler(Sampler[tuple[int, int]]):
         size: int,
         *,
         seed: int = 0,
-        rank: int = 0,
-        world_size: int = 1,
+        rank: int = 0, world_size: int = 1,
         shuffle: bool = True,
         start: int = 0,
-    ) -> None:
+    ) -> None:  # fmt: skip
         if size <= 0:
             raise ValueError("cannot sample from an empty dataset")
         self.size, self.seed, self.rank, self.world_size = size, seed, rank, world_size
@@ -100,11 +100,10 @@ class BucketBatchSampler(Sampler[list[tuple[int, int]]]):
         batch_size: int,
         *,
         seed: int = 0,
-        rank: int = 0,
-        world_size: int = 1,
+        rank: int = 0, world_size: int = 1,
         start: int = 0,
         step: int = 64,
-    ) -> None:
+    ) -> None:  # fmt: skip
         if batch_size < 1 or step < 1:
             raise ValueError(f"batch_size={batch_size} and step={step} must be positive")
         self.keys = [
@@ -309,14 +308,13 @@ def train_loader(
     batch_size: int,
     num_workers: int = 2,
     seed: int = 0,
-    rank: int = 0,
-    world_size: int = 1,
+    rank: int = 0, world_size: int = 1,
     ignore_index: int = 255,
     start_iter: int = 0,
     pin_memory: bool = False,
     batching: str = "pad",
     bucket_step: int = 64,
-) -> DataLoader:
+) -> DataLoader:  # fmt: skip
     """An endless loader of training batches, resumable at iteration ``start_iter``.
 
     Args:
@@ -334,22 +332,18 @@ def train_loader(
     """
     if batching not in BATCHING:
         raise UserError(f"dataset.batching={batching!r} is not one of {', '.join(BATCHING)}")
-    common = dict(
-        num_workers=num_workers,
-        collate_fn=PadCollate(ignore_index),
-        pin_memory=pin_memory,
-        persistent_workers=num_workers > 0,
-    )
+    loading = dict(num_workers=num_workers, persistent_workers=num_workers > 0)
     if batching == "bucket":
         sampler = BucketBatchSampler(
             stored_sizes(dataset), batch_size, seed=seed, rank=rank, world_size=world_size,
             start=start_iter, step=bucket_step,
         )  # fmt: skip
-        return SegLoader(dataset, batch_sampler=sampler, **common)
+        return _padded_loader(dataset, ignore_index, pin_memory, batch_sampler=sampler, **loading)
     sampler = TrainingSampler(
         len(dataset), seed=seed, rank=rank, world_size=world_size, start=start_iter * batch_size
     )
-    return SegLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=True, **common)
+    batches = dict(batch_size=batch_size, sampler=sampler, drop_last=True)
+    return _padded_loader(dataset, ignore_index, pin_memory, **batches, **loading)
 
 
 def eval_loader(
@@ -357,17 +351,26 @@ def eval_loader(
     *,
     batch_size: int = 1,
     num_workers: int = 2,
-    rank: int = 0,
-    world_size: int = 1,
+    rank: int = 0, world_size: int = 1,
     ignore_index: int = 255,
     pin_memory: bool = False,
-) -> DataLoader:
+) -> DataLoader:  # fmt: skip
     """A loader over this process's exact shard of the split."""
-    return SegLoader(
+    sampler = InferenceSampler(len(dataset), rank=rank, world_size=world_size)
+    return _padded_loader(
         dataset,
+        ignore_index,
+        pin_memory,
         batch_size=batch_size,
-        sampler=InferenceSampler(len(dataset), rank=rank, world_size=world_size),
+        sampler=sampler,
         num_workers=num_workers,
-        collate_fn=PadCollate(ignore_index),
-        pin_memory=pin_memory,
     )
+
+
+def _padded_loader(
+    dataset: Dataset, ignore_index: int, pin_memory: bool, **sampling: Any
+) -> DataLoader:
+    """A ``SegLoader`` whose batches are padded to their largest sample (``PadCollate``),
+    sampled and loaded as ``sampling`` (``DataLoader``'s keywords) says."""
+    collate = PadCollate(ignore_index)
+    return SegLoader(dataset, collate_fn=collate, pin_memory=pin_memory, **sampling)

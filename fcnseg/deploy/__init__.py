@@ -122,19 +122,17 @@ def export_checkpoint(
         UserError: an unknown format or option, an existing output without ``overwrite``, an
             unreadable checkpoint, or onnx not installed. Each is checked before any work.
     """
+    graph = {"opset": opset, "input_size": input_size, "outputs": outputs}
     check_export_output(
         output,
         checkpoint=checkpoint,
         format=format,
         overwrite=overwrite,
-        opset=opset,
-        input_size=input_size,
-        outputs=outputs,
         quantize=quantize,
+        **graph,
     )
     model, ckpt = load_trained(checkpoint)
-    options = {"info": model.info, "config": ckpt["config"], "opset": opset}
-    options.update(input_size=input_size, outputs=outputs)
+    options = {"info": model.info, "config": ckpt["config"], **graph}
     if quantize is None:
         return Exported(export_onnx(model, output, **options), model)
     from fcnseg.deploy.quantize import label_agreement, quantize_onnx
