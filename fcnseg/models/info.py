@@ -40,15 +40,6 @@ class ModelInfo:
     iteration: int = 0
     miou: float | None = None
 
-    @property
-    def num_classes(self) -> int:
-        return len(self.class_names)
-
-    @property
-    def normalization(self) -> Normalization:
-        """Per channel ``(pixel / max_pixel_value - mean) / std``, then BGR if ``bgr``."""
-        return get_normalization(self.normalize)
-
     @classmethod
     def create(
         cls,
@@ -91,3 +82,12 @@ class ModelInfo:
             iteration=iteration,
             miou=miou,
         )
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def normalization(self) -> Normalization:
+        """Per channel ``(pixel / max_pixel_value - mean) / std``, then BGR if ``bgr``."""
+        return get_normalization(self.normalize)

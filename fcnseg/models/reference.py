@@ -1,7 +1,8 @@
 """A plain PyTorch transcription of the reference VGG16 FCN-8s, layer by layer.
 
 Written the way the widely used PyTorch port of the Caffe nets writes it: every layer an
-attribute, the forward pass spelt out, crop offsets as literals (5, 9, 31). It shares no code
+attribute under the port's name (VGG16's 13 convolutions set from a table of its stages), the
+head's forward pass spelt out, crop offsets as literals (5, 9, 31). It shares no code
 with ``fcnseg.models`` on purpose: the benchmark times the fcnseg training step against it at
 equal settings, and its parameter names are the port's (``conv1_1.weight`` ... ``score_fr``,
 ``upscore2``, ``score_pool4``, ``upscore_pool4``, ``score_pool3``, ``upscore8``).
@@ -14,48 +15,25 @@ from torch import nn
 
 from fcnseg.errors import UserError
 
+# VGG16's convolution stages, (width, convolutions), each ending in a 2x2 max pooling.
+VGG16_STAGES = ((64, 2), (128, 2), (256, 3), (512, 3), (512, 3))
+
 
 class ReferenceFCN8s(nn.Module):
     """VGG16 FCN-8s exactly as the reference net: (N, 3, H, W) -> logits (N, n_class, H, W)."""
 
     def __init__(self, n_class: int = 21) -> None:
         super().__init__()
-        # conv1
-        self.conv1_1 = nn.Conv2d(3, 64, 3, padding=100)
-        self.relu1_1 = nn.ReLU(inplace=True)
-        self.conv1_2 = nn.Conv2d(64, 64, 3, padding=1)
-        self.relu1_2 = nn.ReLU(inplace=True)
-        self.pool1 = nn.MaxPool2d(2, stride=2, ceil_mode=True)  # 1/2
-        # conv2
-        self.conv2_1 = nn.Conv2d(64, 128, 3, padding=1)
-        self.relu2_1 = nn.ReLU(inplace=True)
-        self.conv2_2 = nn.Conv2d(128, 128, 3, padding=1)
-        self.relu2_2 = nn.ReLU(inplace=True)
-        self.pool2 = nn.MaxPool2d(2, stride=2, ceil_mode=True)  # 1/4
-        # conv3
-        self.conv3_1 = nn.Conv2d(128, 256, 3, padding=1)
-        self.relu3_1 = nn.ReLU(inplace=True)
-        self.conv3_2 = nn.Conv2d(256, 256, 3, padding=1)
-        self.relu3_2 = nn.ReLU(inplace=True)
-        self.conv3_3 = nn.Conv2d(256, 256, 3, padding=1)
-        self.relu3_3 = nn.ReLU(inplace=True)
-        self.pool3 = nn.MaxPool2d(2, stride=2, ceil_mode=True)  # 1/8
-        # conv4
-        self.conv4_1 = nn.Conv2d(256, 512, 3, padding=1)
-        self.relu4_1 = nn.ReLU(inplace=True)
-        self.conv4_2 = nn.Conv2d(512, 512, 3, padding=1)
-        self.relu4_2 = nn.ReLU(inplace=True)
-        self.conv4_3 = nn.Conv2d(512, 512, 3, padding=1)
-        self.relu4_3 = nn.ReLU(inplace=True)
-        self.pool4 = nn.MaxPool2d(2, stride=2, ceil_mode=True)  # 1/16
-        # conv5
-        self.conv5_1 = nn.Conv2d(512, 512, 3, padding=1)
-        self.relu5_1 = nn.ReLU(inplace=True)
-        self.conv5_2 = nn.Conv2d(512, 512, 3, padding=1)
-        self.relu5_2 = nn.ReLU(inplace=True)
-        self.conv5_3 = nn.Conv2d(512, 512, 3, padding=1)
-        self.relu5_3 = nn.ReLU(inplace=True)
-        self.pool5 = nn.MaxPool2d(2, stride=2, ceil_mode=True)  # 1/32
+        channels = 3
+        for stage, (width, depth) in enumerate(VGG16_STAGES, start=1):
+            for i in range(1, depth + 1):
+                # The first convolution pads by 100, the paper's way to fit any input size.
+                padding = 100 if stage == i == 1 else 1
+                setattr(self, f"conv{stage}_{i}", nn.Conv2d(channels, width, 3, padding=padding))
+                setattr(self, f"relu{stage}_{i}", nn.ReLU(inplace=True))
+                channels = width
+            # pool1 ... pool5: strides 2 ... 32
+            setattr(self, f"pool{stage}", nn.MaxPool2d(2, stride=2, ceil_mode=True))
         # fc6
         self.fc6 = nn.Conv2d(512, 4096, 7)
         self.relu6 = nn.ReLU(inplace=True)
@@ -75,59 +53,28 @@ class ReferenceFCN8s(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = x
-        h = self.relu1_1(self.conv1_1(h))
-        h = self.relu1_2(self.conv1_2(h))
-        h = self.pool1(h)
+        pools = []
+        for stage, (_, depth) in enumerate(VGG16_STAGES, start=1):
+            for i in range(1, depth + 1):
+                h = getattr(self, f"relu{stage}_{i}")(getattr(self, f"conv{stage}_{i}")(h))
+            h = getattr(self, f"pool{stage}")(h)
+            pools.append(h)
+        pool3, pool4 = pools[2], pools[3]  # 1/8, 1/16
 
-        h = self.relu2_1(self.conv2_1(h))
-        h = self.relu2_2(self.conv2_2(h))
-        h = self.pool2(h)
+        h = self.drop6(self.relu6(self.fc6(h)))
+        h = self.drop7(self.relu7(self.fc7(h)))
 
-        h = self.relu3_1(self.conv3_1(h))
-        h = self.relu3_2(self.conv3_2(h))
-        h = self.relu3_3(self.conv3_3(h))
-        h = self.pool3(h)
-        pool3 = h  # 1/8
+        upscore2 = self.upscore2(self.score_fr(h))  # 1/16
+        score_pool4c = _crop(self.score_pool4(pool4), 5, upscore2)  # 1/16
+        upscore_pool4 = self.upscore_pool4(upscore2 + score_pool4c)  # 1/8
+        score_pool3c = _crop(self.score_pool3(pool3), 9, upscore_pool4)  # 1/8
+        h = self.upscore8(upscore_pool4 + score_pool3c)
+        return _crop(h, 31, x).contiguous()
 
-        h = self.relu4_1(self.conv4_1(h))
-        h = self.relu4_2(self.conv4_2(h))
-        h = self.relu4_3(self.conv4_3(h))
-        h = self.pool4(h)
-        pool4 = h  # 1/16
 
-        h = self.relu5_1(self.conv5_1(h))
-        h = self.relu5_2(self.conv5_2(h))
-        h = self.relu5_3(self.conv5_3(h))
-        h = self.pool5(h)
-
-        h = self.relu6(self.fc6(h))
-        h = self.drop6(h)
-
-        h = self.relu7(self.fc7(h))
-        h = self.drop7(h)
-
-        h = self.score_fr(h)
-        h = self.upscore2(h)
-        upscore2 = h  # 1/16
-
-        h = self.score_pool4(pool4)
-        h = h[:, :, 5 : 5 + upscore2.size()[2], 5 : 5 + upscore2.size()[3]]
-        score_pool4c = h  # 1/16
-
-        h = upscore2 + score_pool4c  # 1/16
-        h = self.upscore_pool4(h)
-        upscore_pool4 = h  # 1/8
-
-        h = self.score_pool3(pool3)
-        h = h[:, :, 9 : 9 + upscore_pool4.size()[2], 9 : 9 + upscore_pool4.size()[3]]
-        score_pool3c = h  # 1/8
-
-        h = upscore_pool4 + score_pool3c  # 1/8
-
-        h = self.upscore8(h)
-        h = h[:, :, 31 : 31 + x.size()[2], 31 : 31 + x.size()[3]].contiguous()
-
-        return h
+def _crop(h: torch.Tensor, offset: int, like: torch.Tensor) -> torch.Tensor:
+    """``h`` from ``offset`` down and right, cut to the height and width of ``like``."""
+    return h[:, :, offset : offset + like.size()[2], offset : offset + like.size()[3]]
 
 
 def reference_fcn8s_like(model: nn.Module, num_classes: int) -> ReferenceFCN8s:

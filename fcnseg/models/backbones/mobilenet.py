@@ -19,12 +19,10 @@ Residuals and Linear Bottlenecks", CVPR 2018.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 from torch import nn
 
-from fcnseg.models.backbones.weights import load_by_names, load_pretrained
+from fcnseg.models.backbones.weights import load_by_names, torchvision_builder
 from fcnseg.models.convert import linear_to_conv
 from fcnseg.models.layers import FeatureInfo, coord_map
 
@@ -86,17 +84,10 @@ class MobileNetV2(nn.Module):
         )
 
 
-def mobilenet_v2(
-    *,
-    pretrained: bool = False,
-    weights: str | Path | None = None,
-    fc: bool = True,
-    frozen_bn: bool = False,
-) -> MobileNetV2:
+mobilenet_v2 = torchvision_builder(
+    "mobilenet_v2",
+    lambda fc: MobileNetV2(fc=fc),
     """MobileNetV2 (Sandler et al.): skips from ``features.6`` (stride 8) and ``features.13``
     (stride 16); ``fc7`` the ImageNet classifier as a 1x1 convolution (``fc=False``: the
-    1280-channel map). ``frozen_bn``: its 52 BatchNorm layers frozen once the weights are in."""
-    return load_pretrained(
-        MobileNetV2(fc=fc), name="mobilenet_v2", arch="mobilenet_v2", pretrained=pretrained,
-        weights=weights, frozen_bn=frozen_bn,
-    )  # fmt: skip
+    1280-channel map). ``frozen_bn``: its 52 BatchNorm layers frozen once the weights are in.""",
+)

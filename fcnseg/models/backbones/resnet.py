@@ -16,13 +16,13 @@ heads derive their crop offsets from these coordinate maps; a ResNet needs no pa
 from __future__ import annotations
 
 from collections import OrderedDict
-from pathlib import Path
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from fcnseg.errors import UserError
-from fcnseg.models.backbones.weights import load_by_names, load_pretrained
+from fcnseg.models.backbones.weights import load_by_names, torchvision_builder
 from fcnseg.models.convert import linear_to_conv
 from fcnseg.models.layers import FeatureInfo, coord_map
 
@@ -97,56 +97,23 @@ class ResNet(nn.Module):
         )
 
 
-def _build(
-    arch: str, *, pretrained: bool, weights: str | Path | None, fc: bool, frozen_bn: bool
-) -> ResNet:
-    return load_pretrained(
-        ResNet(arch, fc=fc), name=arch, arch=arch, pretrained=pretrained, weights=weights,
-        frozen_bn=frozen_bn,
-    )  # fmt: skip
+def _resnet(arch: str, doc: str) -> Callable[..., ResNet]:
+    return torchvision_builder(arch, lambda fc: ResNet(arch, fc=fc), doc)
 
 
-def resnet18(
-    *,
-    pretrained: bool = False,
-    weights: str | Path | None = None,
-    fc: bool = True,
-    frozen_bn: bool = False,
-) -> ResNet:
+resnet18 = _resnet(
+    "resnet18",
     """ResNet-18 (He et al.; basic blocks): skips from layer2 (stride 8, 128 channels) and
-    layer3 (stride 16, 256 channels); ``fc=False`` gives layer4's 512 channels."""
-    return _build("resnet18", pretrained=pretrained, weights=weights, fc=fc, frozen_bn=frozen_bn)
-
-
-def resnet34(
-    *,
-    pretrained: bool = False,
-    weights: str | Path | None = None,
-    fc: bool = True,
-    frozen_bn: bool = False,
-) -> ResNet:
+    layer3 (stride 16, 256 channels); ``fc=False`` gives layer4's 512 channels.""",
+)
+resnet34 = _resnet(
+    "resnet34",
     """ResNet-34 (He et al.; basic blocks): skips from layer2 (stride 8, 128 channels) and
-    layer3 (stride 16, 256 channels); ``fc=False`` gives layer4's 512 channels."""
-    return _build("resnet34", pretrained=pretrained, weights=weights, fc=fc, frozen_bn=frozen_bn)
-
-
-def resnet50(
-    *,
-    pretrained: bool = False,
-    weights: str | Path | None = None,
-    fc: bool = True,
-    frozen_bn: bool = False,
-) -> ResNet:
-    """ResNet-50 (He et al.): skips from layer2 (stride 8) and layer3 (stride 16)."""
-    return _build("resnet50", pretrained=pretrained, weights=weights, fc=fc, frozen_bn=frozen_bn)
-
-
-def resnet101(
-    *,
-    pretrained: bool = False,
-    weights: str | Path | None = None,
-    fc: bool = True,
-    frozen_bn: bool = False,
-) -> ResNet:
-    """ResNet-101 (He et al.): skips from layer2 (stride 8) and layer3 (stride 16)."""
-    return _build("resnet101", pretrained=pretrained, weights=weights, fc=fc, frozen_bn=frozen_bn)
+    layer3 (stride 16, 256 channels); ``fc=False`` gives layer4's 512 channels.""",
+)
+resnet50 = _resnet(
+    "resnet50", """ResNet-50 (He et al.): skips from layer2 (stride 8) and layer3 (stride 16)."""
+)
+resnet101 = _resnet(
+    "resnet101", """ResNet-101 (He et al.): skips from layer2 (stride 8) and layer3 (stride 16)."""
+)

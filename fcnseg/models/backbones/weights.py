@@ -27,6 +27,8 @@ from fcnseg.errors import UserError
 from fcnseg.utils.checkpoint import error_summary, load_weights_only
 
 Backbone = TypeVar("Backbone", bound=nn.Module)
+#: where a backbone's weights come from: a local file, or ``None`` (``pretrained`` decides).
+WeightsSource = str | Path | None
 
 #: ``weights_source`` of a backbone that loaded no weights.
 RANDOM_INIT = "random init"
@@ -104,6 +106,37 @@ def load_pretrained(
                 f"backbone.frozen_bn=true but backbone {name} has no BatchNorm layer to freeze"
             )
     return model
+
+
+def torchvision_builder(
+    arch: str, backbone: Callable[[bool], Backbone], doc: str
+) -> Callable[..., Backbone]:
+    """The public builder of a backbone taken whole from torchvision model ``arch``.
+
+    Such backbones (the ResNets, MobileNetV2) differ only in the network they wrap, so one
+    builder serves them all: ``arch(*, pretrained=False, weights=None, fc=True,
+    frozen_bn=False)`` builds ``backbone(fc)`` and loads its weights with ``load_pretrained``.
+    It is named ``arch`` in the module that defines ``backbone``, where it is assigned, so
+    configs, model descriptions and pickle find it by that name.
+    """
+
+    def build(
+        *,
+        pretrained: bool = False,
+        weights: WeightsSource = None,
+        fc: bool = True,
+        frozen_bn: bool = False,
+    ) -> Backbone:
+        model = backbone(fc)
+        return load_pretrained(
+            model, name=arch, arch=arch, pretrained=pretrained, weights=weights,
+            frozen_bn=frozen_bn,
+        )  # fmt: skip
+
+    build.__name__ = build.__qualname__ = arch
+    build.__module__ = backbone.__module__
+    build.__doc__ = doc
+    return build
 
 
 def _load_torchvision(

@@ -21,14 +21,14 @@ from torch import nn
 from fcnseg.errors import UserError
 from fcnseg.models.heads.segnet import (
     VGG16_DEPTHS,
-    UnpoolStage,
-    check_unpooling_backbone,
+    UnpoolingHead,
     conv_block,
+    head_builder,
 )
 from fcnseg.models.layers import FeatureInfo, align
 
 
-class DeconvNetHead(nn.Module):
+class DeconvNetHead(UnpoolingHead):
     """``fc6_deconv``, then unpooling stages mirroring the encoder, then ``seg_score``.
 
     Decoder stage N has as many 3x3 transposed convolutions as encoder stage N; all keep the
@@ -54,24 +54,20 @@ class DeconvNetHead(nn.Module):
         depths: Sequence[int] = VGG16_DEPTHS,
         batch_norm: bool = True,
     ) -> None:
-        super().__init__()
-        if not depths or min(depths) < 1:
-            raise UserError(f"head.depths={list(depths)} needs at least one convolution per stage")
-        pools = check_unpooling_backbone(feature_info, "deconvnet", len(depths))
+        super().__init__(feature_info, depths, "deconvnet")
         if "fc7" not in feature_info:
             raise UserError(
                 "head deconvnet starts from the backbone's fc7, which this backbone does not "
                 "compute; set backbone.fc=true"
             )
-        self.pools = pools
-        top = feature_info[pools[-1]].channels
+        top = feature_info[self.pools[-1]].channels
         fc6_deconv = nn.ConvTranspose2d(feature_info["fc7"].channels, top, 7)
         self.fc6_deconv = nn.Sequential(
             OrderedDict(conv_block(fc6_deconv, ("deconv", "bn", "relu"), batch_norm=batch_norm))
         )
-        for s in range(len(pools), 0, -1):
-            width = feature_info[f"pool{s}"].channels
-            out = feature_info[f"pool{s - 1}"].channels if s > 1 else width
+
+        def stage(s: int, width: int, narrow: int | None) -> list[tuple[str, nn.Module]]:
+            out = width if narrow is None else narrow
             layers: list[tuple[str, nn.Module]] = []
             for i in range(1, depths[s - 1] + 1):  # deconv5_1, deconv5_2, deconv5_3
                 deconv = nn.ConvTranspose2d(
@@ -79,7 +75,9 @@ class DeconvNetHead(nn.Module):
                 )
                 names = (f"deconv{s}_{i}", f"debn{s}_{i}", f"derelu{s}_{i}")
                 layers += conv_block(deconv, names, batch_norm=batch_norm)
-            self.add_module(f"stage{s}", UnpoolStage(f"pool{s}", OrderedDict(layers)))
+            return layers
+
+        self.add_stages(feature_info, stage)
         self.seg_score = nn.Conv2d(feature_info["pool1"].channels, num_classes, 1)
         for m in self.modules():
             if isinstance(m, nn.Conv2d | nn.ConvTranspose2d):  # the reference's gaussian filler
@@ -92,24 +90,11 @@ class DeconvNetHead(nn.Module):
         # encoder padded it, centred (vgg.fc6_padding), so a centred crop removes it.
         h, w = features[self.pools[-1]].shape[-2:]
         x = align(x, ((x.shape[-2] - h) // 2, (x.shape[-1] - w) // 2), (h, w))
-        for s in range(len(self.pools), 0, -1):
-            x = getattr(self, f"stage{s}")(x, features)
-        if tuple(x.shape[-2:]) != tuple(size):
-            raise RuntimeError(
-                f"the decoder produced {tuple(x.shape[-2:])} for an input of {tuple(size)}"
-            )
-        return self.seg_score(x)
+        return self.seg_score(self.decode(x, features, size))
 
 
-def deconvnet(
-    feature_info: Mapping[str, FeatureInfo],
-    num_classes: int,
-    *,
-    depths: Sequence[int] = VGG16_DEPTHS,
-    batch_norm: bool = True,
-) -> DeconvNetHead:
-    """DeconvNet: fc6-deconv, five unpooling + transposed-convolution stages, a 1x1 scorer."""
-    return DeconvNetHead(feature_info, num_classes, depths=depths, batch_norm=batch_norm)
-
-
-deconvnet.backbone_options = DeconvNetHead.backbone_options
+deconvnet = head_builder(
+    DeconvNetHead,
+    "deconvnet",
+    "DeconvNet: fc6-deconv, five unpooling + transposed-convolution stages, a 1x1 scorer.",
+)

@@ -10,8 +10,9 @@ the decoder. The layer names are those of the reference ``segnet_train.prototxt`
 
 from __future__ import annotations
 
+import inspect
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from types import MappingProxyType
 from typing import Any, ClassVar
 
@@ -76,7 +77,53 @@ def conv_block(
     return layers
 
 
-class SegNetHead(nn.Module):
+class UnpoolingHead(nn.Module):
+    """What SegNet's and DeconvNet's decoders share: unpooling stages mirroring the encoder's
+    ``pool1`` ... ``poolN``, built and run coarse to fine.
+
+    The constructor checks the depths and the backbone's indices (``head`` names the head in
+    messages); a subclass checks its own settings, adds its stages with ``add_stages`` and
+    runs them with ``decode``.
+    """
+
+    def __init__(
+        self, feature_info: Mapping[str, FeatureInfo], depths: Sequence[int], head: str
+    ) -> None:
+        super().__init__()
+        if not depths or min(depths) < 1:
+            raise UserError(f"head.depths={list(depths)} needs at least one convolution per stage")
+        self.pools = check_unpooling_backbone(feature_info, head, len(depths))
+
+    def add_stages(
+        self,
+        feature_info: Mapping[str, FeatureInfo],
+        stage: Callable[[int, int, int | None], list[tuple[str, nn.Module]]],
+    ) -> None:
+        """Adds ``stageN`` ... ``stage1``, each an ``UnpoolStage`` of the layers that
+        ``stage(N, width, narrow)`` builds: ``width`` is ``poolN``'s channels, ``narrow``
+        ``pool(N-1)``'s, the width the stage's last layer narrows to (``None`` for stage 1)."""
+        for s in range(len(self.pools), 0, -1):
+            width = feature_info[f"pool{s}"].channels
+            narrow = feature_info[f"pool{s - 1}"].channels if s > 1 else None
+            self.add_module(
+                f"stage{s}", UnpoolStage(f"pool{s}", OrderedDict(stage(s, width, narrow)))
+            )
+
+    def decode(
+        self, x: torch.Tensor, features: Mapping[str, torch.Tensor], size: tuple[int, int]
+    ) -> torch.Tensor:
+        """``x`` (at ``poolN``'s size) through the stages, coarse to fine, checked to come out
+        at the input's ``size``."""
+        for s in range(len(self.pools), 0, -1):
+            x = getattr(self, f"stage{s}")(x, features)
+        if tuple(x.shape[-2:]) != tuple(size):
+            raise RuntimeError(
+                f"the decoder produced {tuple(x.shape[-2:])} for an input of {tuple(size)}"
+            )
+        return x
+
+
+class SegNetHead(UnpoolingHead):
     """Decoder of unpooling stages mirroring the encoder, coarse to fine, then a classifier.
 
     Decoder stage N has as many convolutions as encoder stage N; all keep the width of
@@ -86,9 +133,9 @@ class SegNetHead(nn.Module):
     Args:
         feature_info: the backbone's; must describe ``pool1`` ... ``poolN`` and their indices.
         num_classes: number of output classes.
+        classifier_kernel: kernel of the classifier (3 in the reference net, 1 is also common).
         depths: convolutions per decoder stage, finest first (VGG-16's by default).
         batch_norm: BatchNorm after every decoder convolution but the classifier.
-        classifier_kernel: kernel of the classifier (3 in the reference net, 1 is also common).
     """
 
     # What build_model builds the backbone with: an encoder whose poolings return their
@@ -100,14 +147,11 @@ class SegNetHead(nn.Module):
         feature_info: Mapping[str, FeatureInfo],
         num_classes: int,
         *,
+        classifier_kernel: int = 3,
         depths: Sequence[int] = VGG16_DEPTHS,
         batch_norm: bool = True,
-        classifier_kernel: int = 3,
     ) -> None:
-        super().__init__()
-        if not depths or min(depths) < 1:
-            raise UserError(f"head.depths={list(depths)} needs at least one convolution per stage")
-        pools = check_unpooling_backbone(feature_info, "segnet", len(depths))
+        super().__init__(feature_info, depths, "segnet")
         if "fc7" in feature_info:
             raise UserError(
                 "head segnet does not use the backbone's fc6/fc7, which would sit idle (and break "
@@ -117,10 +161,9 @@ class SegNetHead(nn.Module):
             raise UserError(
                 f"head.classifier_kernel={classifier_kernel} must be odd to keep the size"
             )
-        self.pools = pools
-        for s in range(len(pools), 0, -1):
-            width = feature_info[f"pool{s}"].channels
-            out = feature_info[f"pool{s - 1}"].channels if s > 1 else num_classes
+
+        def stage(s: int, width: int, narrow: int | None) -> list[tuple[str, nn.Module]]:
+            out = num_classes if narrow is None else narrow
             layers: list[tuple[str, nn.Module]] = []
             for i in range(depths[s - 1], 0, -1):  # conv5_3_D, conv5_2_D, conv5_1_D
                 if s == 1 and i == 1:
@@ -137,39 +180,36 @@ class SegNetHead(nn.Module):
                         (f"conv{name}", f"conv{name}_bn", f"relu{name}"),
                         batch_norm=batch_norm,
                     )
-            self.add_module(f"stage{s}", UnpoolStage(f"pool{s}", OrderedDict(layers)))
+            return layers
+
+        self.add_stages(feature_info, stage)
         for m in self.modules():
             if isinstance(m, nn.Conv2d):  # the reference net's "msra" filler
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
                 nn.init.zeros_(m.bias)
 
     def forward(self, features: Mapping[str, torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
-        x = features[self.pools[-1]]
-        for s in range(len(self.pools), 0, -1):
-            x = getattr(self, f"stage{s}")(x, features)
-        if tuple(x.shape[-2:]) != tuple(size):
-            raise RuntimeError(
-                f"the decoder produced {tuple(x.shape[-2:])} for an input of {tuple(size)}"
-            )
-        return x
+        return self.decode(features[self.pools[-1]], features, size)
 
 
-def segnet(
-    feature_info: Mapping[str, FeatureInfo],
-    num_classes: int,
-    *,
-    depths: Sequence[int] = VGG16_DEPTHS,
-    batch_norm: bool = True,
-    classifier_kernel: int = 3,
-) -> SegNetHead:
-    """SegNet: five unpooling stages mirroring VGG-16's, a 3x3 classifier."""
-    return SegNetHead(
-        feature_info,
-        num_classes,
-        depths=depths,
-        batch_norm=batch_norm,
-        classifier_kernel=classifier_kernel,
-    )
+def head_builder(head: type[UnpoolingHead], name: str, doc: str) -> Callable[..., UnpoolingHead]:
+    """The public builder ``name`` of ``head``: its constructor under the name that configs
+    and model descriptions use, with its signature and the ``backbone_options`` it asks for.
+    """
+
+    def build(
+        feature_info: Mapping[str, FeatureInfo], num_classes: int, **options: Any
+    ) -> UnpoolingHead:
+        return head(feature_info, num_classes, **options)
+
+    build.__signature__ = inspect.signature(head).replace(return_annotation=head.__name__)
+    build.__name__ = build.__qualname__ = name
+    build.__module__ = head.__module__
+    build.__doc__ = doc
+    build.backbone_options = head.backbone_options
+    return build
 
 
-segnet.backbone_options = SegNetHead.backbone_options
+segnet = head_builder(
+    SegNetHead, "segnet", "SegNet: five unpooling stages mirroring VGG-16's, a 3x3 classifier."
+)
