@@ -46,6 +46,7 @@ def main(cfg: DictConfig) -> None:
             cfg.output,
             inference=Inference.from_options(cfg.eval),
             device=cfg.trainer.device,
+            channels_last=cfg.trainer.channels_last,
             alpha=cfg.alpha,
             overwrite=cfg.overwrite,
             on_unreadable=skip if cfg.skip_unreadable else None,

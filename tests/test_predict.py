@@ -3,6 +3,7 @@ viewers show it) and an overlay per image; the same labels from Python, for arra
 and paths; an unreadable image is reported and the others predicted."""
 
 import hashlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -167,6 +168,26 @@ def test_load_model_tells_what_the_model_expects(setup):
         miou=None,  # the checkpoint never evaluated
     )
     assert info.num_classes == 5 and info.normalization.std == (0.229, 0.224, 0.225)
+
+
+def test_channels_last_predicts_the_same_labels(setup, tmp_path):
+    """NHWC is a memory layout, not another network: the labels are the ones computed here."""
+    root, model, config = setup
+    nhwc = Predictor(root / "model.pt", device="cpu", channels_last=True)
+    conv = next(m for m in nhwc.model.modules() if isinstance(m, torch.nn.Conv2d))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    out = tmp_path / "out"
+    proc = run_script(
+        "predict.py", f"checkpoint={root / 'model.pt'}", f"input={root / 'in'}",
+        f"output={out}", "trainer.device=cpu", "trainer.channels_last=true",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for name in INPUTS:
+        path = root / "in" / name
+        expected = expected_labels(model, config, path)
+        np.testing.assert_array_equal(nhwc(path), expected)
+        written = out / Path(name).with_suffix(".png")
+        np.testing.assert_array_equal(np.asarray(Image.open(written)), expected)
 
 
 def test_predictor_tta_and_probabilities(setup):

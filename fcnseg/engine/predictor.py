@@ -15,6 +15,7 @@ from torch import nn
 from fcnseg.data.io import CorruptFileError, read_image, save_label_png
 from fcnseg.data.transforms import build_transforms
 from fcnseg.deploy.model_files import open_model
+from fcnseg.deploy.session import OnnxModel
 from fcnseg.engine.inference import Inference
 from fcnseg.engine.runtime import Runtime
 from fcnseg.errors import UserError
@@ -65,6 +66,7 @@ class Predictor:
         inference: Inference | None = None,
         device: str = "auto",
         amp: str = "none",
+        channels_last: bool = False,
     ) -> None:
         if isinstance(model, str | Path):
             model = open_model(model)[0]
@@ -76,8 +78,13 @@ class Predictor:
             )
         self.info = info
         self.inference = inference or Inference()
-        self.runtime = Runtime.setup(device, amp=amp, distributed=False)
-        self.model = model.to(self.runtime.device).eval()
+        # channels_last: NHWC tensors, what oneDNN's CPU convolutions run fastest on (the
+        # fastest CPU path measured in docs/deploy.md); an exported model keeps its own layout.
+        is_torch = not isinstance(model, OnnxModel)
+        self.runtime = Runtime.setup(
+            device, amp=amp, channels_last=channels_last and is_torch, distributed=False
+        )
+        self.model = (self.runtime.prepare(model) if is_torch else model.to(self.device)).eval()
         self.transform = build_transforms(train=False, normalize=info.normalize)
 
     @property
@@ -104,7 +111,7 @@ class Predictor:
     def _one(self, image: ImageInput, probabilities: bool):
         rgb = as_rgb(image)
         x, _ = self.transform(rgb, np.zeros(rgb.shape[:2], np.uint8))
-        x = x[None].to(self.device)
+        x = self.runtime.inputs(x[None])
         autocast = self.runtime.autocast()
         with torch.no_grad():
             if not probabilities:
@@ -186,6 +193,7 @@ def predict_images(
     normalize: str | None = None,
     inference: Inference | None = None,
     device: str = "auto",
+    channels_last: bool = False,
     colors: Palette | None = None,
     alpha: float = 0.5,
     overwrite: bool = False,
@@ -208,6 +216,7 @@ def predict_images(
         normalize: the normalisation the model was trained with (default: ``imagenet``).
         inference: whole image, sliding windows, TTA.
         device: ``auto``, ``cpu`` or ``cuda``.
+        channels_last: run the network on NHWC tensors (``Predictor``).
         colors: class colours (the VOC map by default).
         alpha: weight of the class colours in the overlay.
         overwrite: write into an ``output_dir`` that already holds files (see
@@ -230,7 +239,9 @@ def predict_images(
         palette=colors,
         normalize=normalize or (info.normalize if info is not None else "imagenet"),
     )
-    predictor = Predictor(model, info, inference=inference, device=device)
+    predictor = Predictor(
+        model, info, inference=inference, device=device, channels_last=channels_last
+    )
     root = Path(source) if Path(source).is_dir() else Path(source).parent
     out = Path(output_dir)
     # Check every output name before predicting anything: a.png and a.jpg would collide.
