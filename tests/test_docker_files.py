@@ -601,6 +601,13 @@ elif args[:2] == ["system", "service"]:
     server.listen()
     time.sleep(120)
 elif args[:1] == ["run"]:
+    # The script starts the API service before its first container; on a loaded machine this
+    # may run before the service's interpreter has recorded itself, and every way out is
+    # checked against that record: the container waits for it (up to 30 s).
+    for _ in range(600):
+        if os.path.exists(os.path.join(state, "service")):
+            break
+        time.sleep(0.05)
     mode = os.environ["FAKE_RUN"]
     if mode == "fail":
         sys.exit(3)
