@@ -73,6 +73,7 @@ def main(cfg: DictConfig) -> None:
             inference=Inference.from_options(e),
             device=cfg.trainer.device,
             amp=cfg.trainer.amp,
+            channels_last=cfg.trainer.channels_last,
             num_workers=cfg.trainer.num_workers,
             on_prediction=writer or None,
             tensorboard_dir=e.tensorboard,

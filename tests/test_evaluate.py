@@ -112,6 +112,18 @@ def test_metrics_are_exact_and_match_the_trainers_schema(trained, evaluated):
     assert sorted(p.name for p in out.iterdir()) == ["grid.png", "metrics.json", "pred", "tb"]
 
 
+def test_channels_last_gives_the_same_confusion_matrix(trained, tmp_path):
+    """NHWC is a memory layout, not another network: the confusion matrix computed here."""
+    path, _, confusion, _ = trained
+    proc = run_script(
+        "evaluate.py", f"checkpoint={path}", f"out={tmp_path / 'm.json'}", *CPU,
+        "trainer.channels_last=true",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    m = json.loads((tmp_path / "m.json").read_text())
+    np.testing.assert_array_equal(np.array(m["confusion_matrix"]), confusion)
+
+
 def test_predictions_are_label_pngs_of_each_image(trained, evaluated):
     preds = trained[3]
     files = sorted((evaluated[0] / "pred").iterdir())

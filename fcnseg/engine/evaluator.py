@@ -18,6 +18,7 @@ from torch import nn
 from torch.utils.data import Dataset, SequentialSampler
 
 from fcnseg.data.loader import InferenceSampler, eval_loader
+from fcnseg.deploy.session import OnnxModel
 from fcnseg.engine.inference import Inference
 from fcnseg.engine.runtime import Runtime
 from fcnseg.metrics import SegMetrics
@@ -154,6 +155,7 @@ def run_evaluation(
     inference: Inference | None = None,
     device: str = "auto",
     amp: str = "none",
+    channels_last: bool = False,
     num_workers: int = 2,
     on_prediction: PredictionSink | None = None,
     tensorboard_dir: str | Path | None = None,
@@ -177,6 +179,8 @@ def run_evaluation(
         inference: whole image, sliding windows, TTA.
         device: ``auto``, ``cpu`` or ``cuda``.
         amp: ``none``, ``bf16`` or ``fp16`` autocast for the forward passes.
+        channels_last: run a PyTorch network on NHWC tensors (on a CPU the fastest layout for
+            oneDNN's convolutions); an exported model keeps its own.
         num_workers: loader processes.
         on_prediction: ``(index, labels)`` callback, e.g.
             ``fcnseg.data.predictions.PredictionWriter``.
@@ -192,9 +196,10 @@ def run_evaluation(
     Returns:
         ``SegMetrics.compute()`` of the whole dataset.
     """
-    runtime = Runtime.setup(device, amp=amp)
+    is_torch = not isinstance(model, OnnxModel)
+    runtime = Runtime.setup(device, amp=amp, channels_last=channels_last and is_torch)
     dev, dist = runtime.device, runtime.dist
-    model.to(dev)
+    model = runtime.prepare(model) if is_torch else model.to(dev)
     loader = eval_loader(
         dataset,
         batch_size=1,
@@ -224,6 +229,7 @@ def run_evaluation(
         keep=num_vis if write_tb or write_grid else 0,
         inference=inference,
         on_prediction=on_prediction,
+        memory_format=runtime.memory_format,
     )
     if write_grid and samples:
         from PIL import Image
